@@ -1,0 +1,162 @@
+//! Read queries behind the gRPC API. Every value is a bound parameter.
+//!
+//! Pagination is keyset-based: each query orders by a unique key and resumes
+//! strictly after the last key of the previous page, so pages stay stable and
+//! cheap however deep the caller goes.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPoint {
+    pub metric: String,
+    pub time: DateTime<Utc>,
+    pub value: f64,
+    /// With `time`, the page key.
+    pub series_id: i32,
+}
+
+pub struct PointsQuery<'a> {
+    pub device_id: &'a str,
+    pub metric: Option<&'a str>,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    /// Resume strictly after this (time, series id).
+    pub after: Option<(DateTime<Utc>, i32)>,
+    pub limit: u32,
+}
+
+pub async fn query_points(pool: &PgPool, q: &PointsQuery<'_>) -> Result<Vec<StoredPoint>, sqlx::Error> {
+    let (after_time, after_series) = q.after.unzip();
+    let rows: Vec<(String, DateTime<Utc>, f64, i32)> = sqlx::query_as(
+        "SELECT s.metric, p.time, p.value, p.series_id \
+         FROM points p JOIN series s ON s.id = p.series_id \
+         WHERE s.device_id = $1 \
+           AND ($2::text IS NULL OR s.metric = $2) \
+           AND p.time >= $3 AND p.time < $4 \
+           AND ($5::timestamptz IS NULL OR (p.time, p.series_id) > ($5, $6::integer)) \
+         ORDER BY p.time, p.series_id \
+         LIMIT $7",
+    )
+    .bind(q.device_id)
+    .bind(q.metric)
+    .bind(q.start)
+    .bind(q.end)
+    .bind(after_time)
+    .bind(after_series)
+    .bind(i64::from(q.limit))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(metric, time, value, series_id)| StoredPoint { metric, time, value, series_id })
+        .collect())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// With `time`, the page key.
+    pub id: i64,
+    pub device_id: Option<String>,
+    pub topic: String,
+    pub time: DateTime<Utc>,
+    pub rule: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+pub struct EventsQuery<'a> {
+    pub device_id: Option<&'a str>,
+    /// A POSIX regular expression the topic must match (see [`topic_filter_regex`]).
+    pub topic_regex: Option<&'a str>,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub after: Option<(DateTime<Utc>, i64)>,
+    pub limit: u32,
+}
+
+pub async fn query_events(pool: &PgPool, q: &EventsQuery<'_>) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let (after_time, after_id) = q.after.unzip();
+    let rows: Vec<(i64, Option<String>, String, DateTime<Utc>, Option<String>, Vec<u8>)> =
+        sqlx::query_as(
+            "SELECT id, device_id, topic, time, rule, payload FROM events \
+             WHERE ($1::text IS NULL OR device_id = $1) \
+               AND ($2::text IS NULL OR topic ~ $2) \
+               AND time >= $3 AND time < $4 \
+               AND ($5::timestamptz IS NULL OR (time, id) > ($5, $6::bigint)) \
+             ORDER BY time, id \
+             LIMIT $7",
+        )
+        .bind(q.device_id)
+        .bind(q.topic_regex)
+        .bind(q.start)
+        .bind(q.end)
+        .bind(after_time)
+        .bind(after_id)
+        .bind(i64::from(q.limit))
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, device_id, topic, time, rule, payload)| StoredEvent {
+            id,
+            device_id,
+            topic,
+            time,
+            rule,
+            payload,
+        })
+        .collect())
+}
+
+/// Translates a valid MQTT topic filter into an anchored POSIX regular
+/// expression, so the database can filter stored topics the way the broker
+/// routes live ones: `+` is one level, a trailing `#` is the parent level and
+/// everything below it.
+pub fn topic_filter_regex(filter: &str) -> String {
+    let levels: Vec<&str> = filter.split('/').collect();
+    let mut re = String::from("^");
+    for (i, level) in levels.iter().enumerate() {
+        let last = i + 1 == levels.len();
+        match *level {
+            "#" => {
+                // `a/#` matches `a` itself too; a lone `#` matches everything.
+                if i == 0 {
+                    re.push_str(".*");
+                } else {
+                    re.truncate(re.len() - 1); // the '/' pushed after the previous level
+                    re.push_str("(/.*)?");
+                }
+                return re + "$";
+            }
+            "+" => re.push_str("[^/]*"),
+            literal => {
+                for c in literal.chars() {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == '-' || !c.is_ascii() {
+                        re.push(c);
+                    } else {
+                        re.push('\\');
+                        re.push(c);
+                    }
+                }
+            }
+        }
+        if !last {
+            re.push('/');
+        }
+    }
+    re.push('$');
+    re
+}
+
+#[cfg(test)]
+mod tests {
+    use super::topic_filter_regex;
+
+    #[test]
+    fn filters_become_anchored_regexes() {
+        assert_eq!(topic_filter_regex("#"), "^.*$");
+        assert_eq!(topic_filter_regex("a/+/c"), "^a/[^/]*/c$");
+        assert_eq!(topic_filter_regex("a/#"), "^a(/.*)?$");
+        assert_eq!(topic_filter_regex("a.b/c"), "^a\\.b/c$");
+    }
+}

@@ -1,0 +1,342 @@
+//! The batching writer: the only code that inserts telemetry.
+//!
+//! Records arrive over a bounded channel in the order the pipeline produced
+//! them. They are buffered until `batch_rows` rows are waiting or
+//! `flush_interval` has passed since the oldest one arrived, then written in
+//! one transaction with binary COPY. A failed write is retried with backoff
+//! while the batch stays in memory; meanwhile the channel fills and the
+//! pipeline upstream blocks, so a database outage slows ingestion instead of
+//! losing data. (A durable spool for outages is the storage issue's job.)
+
+use crate::pgcopy::{BinaryCopyWriter, sanitize_text};
+use crate::record::{DeadLetterRecord, EventRecord, PointRecord, Record};
+use metrics::{counter, histogram};
+use serde::{Deserialize, Serialize};
+use sqlx::{Acquire, PgConnection, PgPool};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, warn};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WriterConfig {
+    /// Flush once this many rows are waiting.
+    pub batch_rows: usize,
+    /// Flush at the latest this long after the oldest waiting row arrived.
+    pub flush_interval_ms: u64,
+    /// Capacity of the channel in front of the writer, in pipeline batches.
+    pub queue_batches: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        // 10k rows per transaction is where COPY reaches its plateau on this
+        // hardware (163-182k rows/s vs ~90k at 1k rows, see
+        // shared/notes/ceilings.md); 100 ms keeps a quiet device's data
+        // queryable well within a second.
+        Self {
+            batch_rows: 10_000,
+            flush_interval_ms: 100,
+            queue_batches: 256,
+        }
+    }
+}
+
+/// The writer's input. Cloning is cheap; the writer stops once every clone is dropped,
+/// after flushing what it holds.
+#[derive(Clone)]
+pub struct Sink {
+    tx: mpsc::Sender<Vec<Record>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the writer has stopped")]
+pub struct WriterStopped;
+
+impl Sink {
+    pub async fn send(&self, records: Vec<Record>) -> Result<(), WriterStopped> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(records).await.map_err(|_| WriterStopped)
+    }
+
+    /// For callers on plain threads (the rules pipeline); blocks while the queue is full.
+    pub fn blocking_send(&self, records: Vec<Record>) -> Result<(), WriterStopped> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.tx.blocking_send(records).map_err(|_| WriterStopped)
+    }
+}
+
+pub fn spawn_writer(pool: PgPool, config: WriterConfig) -> (Sink, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(config.queue_batches.max(1));
+    let handle = tokio::spawn(run(pool, config, rx));
+    (Sink { tx }, handle)
+}
+
+async fn run(pool: PgPool, config: WriterConfig, mut rx: mpsc::Receiver<Vec<Record>>) {
+    let flush_interval = Duration::from_millis(config.flush_interval_ms);
+    let mut series = SeriesCache::default();
+    let mut batch = Batch::default();
+    let mut oldest: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = oldest.map(|t| t + flush_interval);
+        tokio::select! {
+            received = rx.recv() => match received {
+                Some(records) => {
+                    oldest.get_or_insert_with(tokio::time::Instant::now);
+                    batch.extend(records);
+                    if batch.rows() >= config.batch_rows {
+                        flush(&pool, &mut series, &mut batch).await;
+                        oldest = None;
+                    }
+                }
+                None => {
+                    flush(&pool, &mut series, &mut batch).await;
+                    debug!("writer input closed; final batch flushed");
+                    return;
+                }
+            },
+            _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                flush(&pool, &mut series, &mut batch).await;
+                oldest = None;
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(d).await;
+    }
+}
+
+/// Writes the batch, retrying until it succeeds: the batch is the only copy of this data.
+async fn flush(pool: &PgPool, series: &mut SeriesCache, batch: &mut Batch) {
+    if batch.rows() == 0 {
+        return;
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        match write_batch(pool, series, batch).await {
+            Ok(()) => {
+                histogram!("sluice_batch_flush_seconds").record(started.elapsed().as_secs_f64());
+                counter!("sluice_batches_flushed_total").increment(1);
+                counter!("sluice_points_written_total").increment(batch.points.len() as u64);
+                counter!("sluice_events_written_total").increment(batch.events.len() as u64);
+                counter!("sluice_dead_letters_written_total")
+                    .increment(batch.dead_letters.len() as u64);
+                debug!(
+                    points = batch.points.len(),
+                    events = batch.events.len(),
+                    dead_letters = batch.dead_letters.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "batch flushed"
+                );
+                batch.clear();
+                return;
+            }
+            Err(e) => {
+                counter!("sluice_write_errors_total").increment(1);
+                error!(error = %e, rows = batch.rows(), retry_in_ms = backoff.as_millis() as u64,
+                    "writing a batch failed; keeping it and retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    points: Vec<PointRecord>,
+    events: Vec<EventRecord>,
+    dead_letters: Vec<DeadLetterRecord>,
+}
+
+impl Batch {
+    fn rows(&self) -> usize {
+        self.points.len() + self.events.len() + self.dead_letters.len()
+    }
+
+    fn extend(&mut self, records: Vec<Record>) {
+        for r in records {
+            match r {
+                Record::Point(p) => self.points.push(p),
+                Record::Event(e) => self.events.push(e),
+                Record::DeadLetter(d) => self.dead_letters.push(d),
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.points.clear();
+        self.events.clear();
+        self.dead_letters.clear();
+    }
+}
+
+async fn write_batch(
+    pool: &PgPool,
+    series: &mut SeriesCache,
+    batch: &Batch,
+) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    series.resolve(&mut conn, &batch.points).await?;
+
+    let mut tx = conn.begin().await?;
+    if !batch.points.is_empty() {
+        let mut w = BinaryCopyWriter::new();
+        for p in &batch.points {
+            let id = series.get(&p.device_id, &p.metric).ok_or_else(|| {
+                sqlx::Error::Protocol(format!(
+                    "series ({}, {}) was not resolved",
+                    p.device_id, p.metric
+                ))
+            })?;
+            w.begin_row(3);
+            w.int4(id);
+            w.timestamptz(p.time);
+            w.float8(p.value);
+        }
+        copy_in(
+            &mut tx,
+            "COPY points (series_id, time, value) FROM STDIN (FORMAT binary)",
+            w,
+        )
+        .await?;
+    }
+    if !batch.events.is_empty() {
+        let mut w = BinaryCopyWriter::new();
+        for e in &batch.events {
+            w.begin_row(5);
+            w.timestamptz(e.time);
+            w.opt_text(e.device_id.as_deref().map(sanitize_text).as_deref());
+            w.text(&sanitize_text(&e.topic));
+            w.opt_text(e.rule.as_deref().map(sanitize_text).as_deref());
+            w.bytes(&e.payload);
+        }
+        copy_in(
+            &mut tx,
+            "COPY events (time, device_id, topic, rule, payload) FROM STDIN (FORMAT binary)",
+            w,
+        )
+        .await?;
+    }
+    if !batch.dead_letters.is_empty() {
+        let mut w = BinaryCopyWriter::new();
+        for d in &batch.dead_letters {
+            w.begin_row(6);
+            w.timestamptz(d.received_at);
+            w.opt_text(d.device_id.as_deref().map(sanitize_text).as_deref());
+            w.text(&sanitize_text(&d.topic));
+            w.opt_text(d.rule.as_deref().map(sanitize_text).as_deref());
+            w.text(&sanitize_text(&d.reason));
+            w.bytes(&d.payload);
+        }
+        copy_in(
+            &mut tx,
+            "COPY dead_letters (received_at, device_id, topic, rule, reason, payload) \
+             FROM STDIN (FORMAT binary)",
+            w,
+        )
+        .await?;
+    }
+    tx.commit().await
+}
+
+async fn copy_in(
+    conn: &mut PgConnection,
+    statement: &str,
+    rows: BinaryCopyWriter,
+) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    copy.send(rows.finish()).await?;
+    copy.finish().await
+}
+
+/// Maps (device, metric) to the series id, creating series on first sight.
+///
+/// Owned by the single writer task, so a plain map suffices. Bounded: past
+/// `MAX_ENTRIES` it is emptied and refills from the database on demand.
+#[derive(Default)]
+struct SeriesCache {
+    ids: HashMap<Arc<str>, HashMap<String, i32>>,
+    entries: usize,
+}
+
+impl SeriesCache {
+    const MAX_ENTRIES: usize = 1_000_000;
+
+    fn get(&self, device: &str, metric: &str) -> Option<i32> {
+        self.ids.get(device)?.get(metric).copied()
+    }
+
+    async fn resolve(
+        &mut self,
+        conn: &mut PgConnection,
+        points: &[PointRecord],
+    ) -> Result<(), sqlx::Error> {
+        let mut devices: Vec<String> = Vec::new();
+        let mut metrics: Vec<String> = Vec::new();
+        let mut seen: std::collections::HashSet<(&str, &str)> = Default::default();
+        for p in points {
+            if self.get(&p.device_id, &p.metric).is_none() && seen.insert((&p.device_id, &p.metric))
+            {
+                devices.push(sanitize_text(&p.device_id).into_owned());
+                metrics.push(sanitize_text(&p.metric).into_owned());
+            }
+        }
+        if devices.is_empty() {
+            return Ok(());
+        }
+        if self.entries + devices.len() > Self::MAX_ENTRIES {
+            warn!(entries = self.entries, "series cache full; starting afresh");
+            self.ids.clear();
+            self.entries = 0;
+        }
+        sqlx::query(
+            "INSERT INTO series (device_id, metric) \
+             SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&devices)
+        .bind(&metrics)
+        .execute(&mut *conn)
+        .await?;
+        let rows: Vec<(i32, String, String)> = sqlx::query_as(
+            "SELECT s.id, s.device_id, s.metric FROM series s \
+             JOIN UNNEST($1::text[], $2::text[]) AS want(device_id, metric) \
+             ON s.device_id = want.device_id AND s.metric = want.metric",
+        )
+        .bind(&devices)
+        .bind(&metrics)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (id, device, metric) in rows {
+            self.ids
+                .entry(Arc::from(device))
+                .or_default()
+                .insert(metric, id);
+            self.entries += 1;
+        }
+        // Names that contained NUL were stored sanitized; map the originals too.
+        for p in points {
+            if self.get(&p.device_id, &p.metric).is_none()
+                && let Some(id) = self.get(&sanitize_text(&p.device_id), &sanitize_text(&p.metric))
+            {
+                self.ids
+                    .entry(p.device_id.clone())
+                    .or_default()
+                    .insert(p.metric.clone(), id);
+                self.entries += 1;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,276 @@
+//! Runs messages through the active rules and turns them into outputs.
+//!
+//! Contract, per message: every rule whose filter matches runs on it. Each
+//! (message, rule) pair ends in exactly one outcome, counted per rule:
+//! `stored` (the rule produced outputs), `dropped` (the rule produced none, or
+//! dropped it on purpose) or `dead_letter` (a dead-letter output says why). A
+//! message no rule matches is stored as an event as received, or dropped when
+//! the configuration says so; both are counted.
+
+use crate::decoder::decode_telemetry;
+use crate::ruleset::{Rule, RuleAction, RuleSet, WasmRuleVersion};
+use crate::wasm::host::{GuestOutput, MessageSlot, Verdict};
+use crate::wasm::{GuestError, RuleInstance};
+use crate::{Message, Output};
+use arc_swap::ArcSwap;
+use chrono::{DateTime, TimeZone, Utc};
+use metrics::counter;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{debug, debug_span, warn};
+
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    /// Messages per call into a WASM rule.
+    pub batch_size: usize,
+    /// Store unmatched messages as events (false: drop them, counted).
+    pub store_unmatched: bool,
+    /// Rule publishes may chain this many times; the next one is refused.
+    pub max_hops: u8,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self { batch_size: 256, store_unmatched: true, max_hops: 8 }
+    }
+}
+
+/// Owns the live WASM instances. One processor per pipeline thread; it is
+/// not shared, so instances need no locking.
+pub struct Processor {
+    rules: Arc<ArcSwap<RuleSet>>,
+    config: ProcessorConfig,
+    instances: HashMap<Arc<str>, LiveInstance>,
+}
+
+struct LiveInstance {
+    version: Arc<WasmRuleVersion>,
+    instance: Option<RuleInstance>,
+}
+
+#[derive(Default)]
+struct Tally {
+    stored: u64,
+    dropped: u64,
+    dead_letter: u64,
+}
+
+impl Tally {
+    fn record(&self, rule: &str) {
+        for (outcome, n) in [("stored", self.stored), ("dropped", self.dropped), ("dead_letter", self.dead_letter)] {
+            if n > 0 {
+                counter!("sluice_rule_messages_total", "rule" => rule.to_owned(), "outcome" => outcome).increment(n);
+            }
+        }
+    }
+}
+
+impl Processor {
+    pub fn new(rules: Arc<ArcSwap<RuleSet>>, config: ProcessorConfig) -> Self {
+        Self { rules, config, instances: HashMap::new() }
+    }
+
+    /// Processes a batch, appending outputs to `out`.
+    pub fn process(&mut self, messages: &[Message], out: &mut Vec<Output>) {
+        let set = self.rules.load_full();
+        let mut matched: Vec<Vec<&Message>> = (0..set.rules.len()).map(|_| Vec::new()).collect();
+        let (mut unmatched_stored, mut unmatched_dropped) = (0u64, 0u64);
+        for m in messages {
+            let mut any = false;
+            for (i, rule) in set.rules.iter().enumerate() {
+                if rule.filter.matches(&m.topic) {
+                    matched[i].push(m);
+                    any = true;
+                }
+            }
+            if !any {
+                if self.config.store_unmatched {
+                    unmatched_stored += 1;
+                    out.push(Output::Event {
+                        device_id: m.device_id.clone(),
+                        topic: m.topic.clone(),
+                        time: m.received_at,
+                        rule: None,
+                        payload: m.payload.to_vec(),
+                    });
+                } else {
+                    unmatched_dropped += 1;
+                }
+            }
+        }
+        counter!("sluice_messages_unmatched_total", "action" => "stored").increment(unmatched_stored);
+        counter!("sluice_messages_unmatched_total", "action" => "dropped").increment(unmatched_dropped);
+
+        for (rule, msgs) in set.rules.iter().zip(matched) {
+            if msgs.is_empty() {
+                continue;
+            }
+            let _span = debug_span!("rule", rule = &*rule.name, messages = msgs.len()).entered();
+            match &rule.action {
+                RuleAction::JsonTelemetry => run_decoder(rule, &msgs, out),
+                RuleAction::Wasm(version) => {
+                    for chunk in msgs.chunks(self.config.batch_size.max(1)) {
+                        self.run_wasm(rule, version, chunk, out);
+                    }
+                }
+            }
+        }
+        // Instances of rules that are gone are freed with the rule.
+        if self.instances.len() > set.rules.len() {
+            self.instances.retain(|name, _| set.rules.iter().any(|r| &r.name == name));
+        }
+    }
+
+    fn run_wasm(&mut self, rule: &Rule, version: &Arc<WasmRuleVersion>, msgs: &[&Message], out: &mut Vec<Output>) {
+        let name = &rule.name;
+        let started = Instant::now();
+        counter!("sluice_rule_invocations_total", "rule" => name.to_string()).increment(1);
+        let result = self.call(name, version, msgs);
+        metrics::histogram!("sluice_rule_batch_seconds", "rule" => name.to_string())
+            .record(started.elapsed().as_secs_f64());
+        let mut tally = Tally::default();
+        match result {
+            Ok(slots) => {
+                for (m, slot) in msgs.iter().zip(slots) {
+                    self.convert(name, m, slot, out, &mut tally);
+                }
+            }
+            Err(e) => {
+                counter!("sluice_rule_failures_total", "rule" => name.to_string(), "kind" => e.kind()).increment(1);
+                // A trap or error status in a batch of several may be one bad
+                // message: run each alone, so only the culprits fail. A timeout
+                // is not retried: it would cost the time limit once per message.
+                let retry = msgs.len() > 1 && !matches!(e, GuestError::Timeout(_));
+                if retry {
+                    debug!(rule = &**name, error = %e, "batch failed; retrying its messages one by one");
+                    for m in msgs {
+                        self.run_wasm(rule, version, std::slice::from_ref(m), out);
+                    }
+                    return;
+                }
+                warn!(rule = &**name, error = %e, messages = msgs.len(), "rule failed; messages go to dead letters");
+                for m in msgs {
+                    tally.dead_letter += 1;
+                    out.push(Output::dead_letter(m, Some(name), e.to_string()));
+                }
+            }
+        }
+        tally.record(name);
+    }
+
+    fn call(&mut self, name: &Arc<str>, version: &Arc<WasmRuleVersion>, msgs: &[&Message]) -> Result<Vec<MessageSlot>, GuestError> {
+        let live = self
+            .instances
+            .entry(name.clone())
+            .or_insert_with(|| LiveInstance { version: version.clone(), instance: None });
+        if !Arc::ptr_eq(&live.version, version) {
+            *live = LiveInstance { version: version.clone(), instance: None };
+        }
+        let instance = match &mut live.instance {
+            Some(i) => i,
+            None => live.instance.insert(RuleInstance::new(
+                &version.module,
+                name.clone(),
+                &version.limits,
+                &version.config_json,
+            )?),
+        };
+        let result = instance.run(msgs);
+        if result.is_err() {
+            // Never run a batch on an instance that trapped or timed out.
+            live.instance = None;
+        }
+        result
+    }
+
+    fn convert(&self, rule: &Arc<str>, m: &Message, slot: MessageSlot, out: &mut Vec<Output>, tally: &mut Tally) {
+        match slot.verdict {
+            Verdict::Failed(reason) => {
+                tally.dead_letter += 1;
+                out.push(Output::dead_letter(m, Some(rule), format!("rule failed the message: {reason}")));
+                return;
+            }
+            Verdict::Dropped => {
+                tally.dropped += 1;
+                return;
+            }
+            Verdict::Processed if slot.outputs.is_empty() => {
+                tally.dropped += 1;
+                return;
+            }
+            Verdict::Processed => {}
+        }
+        let mut refused_publish = None;
+        for o in slot.outputs {
+            match o {
+                GuestOutput::Point { metric, value, time_ms } => out.push(Output::Point {
+                    // The host refused points for messages without a device.
+                    device_id: m.device_id.clone().expect("checked by emit_point"),
+                    metric,
+                    time: time_or(time_ms, m.received_at),
+                    value,
+                }),
+                GuestOutput::Event { document, time_ms } => out.push(Output::Event {
+                    device_id: m.device_id.clone(),
+                    topic: m.topic.clone(),
+                    time: time_or(time_ms, m.received_at),
+                    rule: Some(rule.clone()),
+                    payload: document,
+                }),
+                GuestOutput::Publish { topic, payload, qos, retain } => {
+                    if m.hops >= self.config.max_hops {
+                        refused_publish = Some(topic);
+                        continue;
+                    }
+                    out.push(Output::Publish { topic, payload, qos, retain, hops: m.hops + 1 });
+                }
+            }
+        }
+        if let Some(topic) = refused_publish {
+            counter!("sluice_rule_publishes_refused_total", "rule" => rule.to_string(), "reason" => "hop_limit").increment(1);
+            tally.dead_letter += 1;
+            out.push(Output::dead_letter(
+                m,
+                Some(rule),
+                format!(
+                    "publish to `{topic}` refused: the message already went through {} rule publishes (hop limit)",
+                    m.hops
+                ),
+            ));
+        } else {
+            tally.stored += 1;
+        }
+    }
+}
+
+fn time_or(time_ms: Option<i64>, fallback: DateTime<Utc>) -> DateTime<Utc> {
+    time_ms.and_then(|t| Utc.timestamp_millis_opt(t).single()).unwrap_or(fallback)
+}
+
+fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>) {
+    let mut tally = Tally::default();
+    for m in msgs {
+        let Some(device_id) = &m.device_id else {
+            tally.dead_letter += 1;
+            out.push(Output::dead_letter(m, Some(&rule.name), "the topic names no device (expected devices/{device_id}/…)".into()));
+            continue;
+        };
+        match decode_telemetry(&m.payload, m.received_at) {
+            Ok(t) => {
+                tally.stored += 1;
+                out.extend(t.values.into_iter().map(|(metric, value)| Output::Point {
+                    device_id: device_id.clone(),
+                    metric,
+                    time: t.time,
+                    value,
+                }));
+            }
+            Err(e) => {
+                tally.dead_letter += 1;
+                out.push(Output::dead_letter(m, Some(&rule.name), e.to_string()));
+            }
+        }
+    }
+    tally.record(&rule.name);
+}

@@ -1,0 +1,292 @@
+//! The host side of ABI v1: the state a guest instance carries and the
+//! `sluice` functions it may import.
+//!
+//! Host functions never trap on bad arguments: they return a negative status
+//! (see [`abi::status`]) and record nothing, so a guest can recover. Outputs
+//! are buffered per message and only become real once the whole batch call
+//! returns successfully (a trap discards them all).
+
+use super::abi::{self, status};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{debug, error, info, trace, warn};
+use wasmtime::{Caller, Linker, Memory, ResourceLimiter};
+
+/// An output as the guest asked for it, before the host attaches the message context.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GuestOutput {
+    Point { metric: String, value: f64, time_ms: Option<i64> },
+    Event { document: Vec<u8>, time_ms: Option<i64> },
+    Publish { topic: String, payload: Vec<u8>, qos: u8, retain: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Verdict {
+    /// Outputs (possibly none) stand.
+    #[default]
+    Processed,
+    /// The guest dropped the message on purpose; its outputs are discarded.
+    Dropped,
+    /// The guest failed the message; it goes to the dead letters with this reason.
+    Failed(String),
+}
+
+#[derive(Debug, Default)]
+pub struct MessageSlot {
+    pub outputs: Vec<GuestOutput>,
+    pub verdict: Verdict,
+    pub has_device: bool,
+}
+
+pub struct HostState {
+    pub(crate) rule: Arc<str>,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) limiter: GuestLimiter,
+    pub(crate) slots: Vec<MessageSlot>,
+    pub(crate) max_outputs: u32,
+    log_budget: LogBudget,
+}
+
+impl HostState {
+    pub fn new(rule: Arc<str>, memory_bytes: usize, max_outputs: u32) -> Self {
+        Self {
+            rule,
+            memory: None,
+            limiter: GuestLimiter {
+                memory_bytes,
+                table_elements: 10_000,
+                exceeded: None,
+            },
+            slots: Vec::new(),
+            max_outputs,
+            log_budget: LogBudget::new(),
+        }
+    }
+
+    fn slot(&mut self, msg: i32) -> Option<&mut MessageSlot> {
+        usize::try_from(msg).ok().and_then(|i| self.slots.get_mut(i))
+    }
+
+    /// Records an output for message `msg`, enforcing the per-message limit.
+    fn push(&mut self, msg: i32, output: GuestOutput) -> i32 {
+        let max = self.max_outputs as usize;
+        match self.slot(msg) {
+            None => status::BAD_MESSAGE,
+            Some(slot) if slot.outputs.len() >= max => status::LIMIT,
+            Some(slot) => {
+                slot.outputs.push(output);
+                status::OK
+            }
+        }
+    }
+}
+
+/// Caps guest memory and tables, and remembers which cap was hit so the
+/// failure can name it.
+pub struct GuestLimiter {
+    memory_bytes: usize,
+    table_elements: usize,
+    pub(crate) exceeded: Option<String>,
+}
+
+impl ResourceLimiter for GuestLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            let msg = format!(
+                "memory limit exceeded: the guest asked for {desired} bytes, the limit is {} bytes",
+                self.memory_bytes
+            );
+            self.exceeded = Some(msg.clone());
+            return Err(wasmtime::format_err!("{msg}"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.table_elements {
+            let msg = format!(
+                "table limit exceeded: the guest asked for {desired} elements, the limit is {}",
+                self.table_elements
+            );
+            self.exceeded = Some(msg.clone());
+            return Err(wasmtime::format_err!("{msg}"));
+        }
+        Ok(true)
+    }
+}
+
+/// Guest log lines per second per instance; past it lines are counted, not printed.
+const LOG_LINES_PER_SECOND: u32 = 50;
+const MAX_LOG_LINE_BYTES: usize = 1024;
+
+struct LogBudget {
+    window_start: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    fn new() -> Self {
+        Self { window_start: Instant::now(), used: 0, suppressed: 0 }
+    }
+
+    /// Returns whether a line may be printed now, and how many were
+    /// suppressed in the window that just ended (to report once).
+    fn take(&mut self) -> (bool, u64) {
+        let mut reported = 0;
+        if self.window_start.elapsed().as_secs() >= 1 {
+            reported = std::mem::take(&mut self.suppressed);
+            self.window_start = Instant::now();
+            self.used = 0;
+        }
+        if self.used < LOG_LINES_PER_SECOND {
+            self.used += 1;
+            (true, reported)
+        } else {
+            self.suppressed += 1;
+            metrics::counter!("sluice_rule_log_lines_suppressed_total").increment(1);
+            (false, reported)
+        }
+    }
+}
+
+fn guest_bytes(caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let memory = caller.data().memory?;
+    let data = memory.data(caller);
+    let start = usize::try_from(ptr as u32).ok()?;
+    let len = usize::try_from(len).ok()?;
+    data.get(start..start.checked_add(len)?).map(<[u8]>::to_vec)
+}
+
+fn guest_str(caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> Option<String> {
+    String::from_utf8(guest_bytes(caller, ptr, len)?).ok()
+}
+
+fn time_arg(time_ms: i64) -> Option<i64> {
+    (time_ms != abi::TIME_OF_MESSAGE).then_some(time_ms)
+}
+
+/// Builds the linker that provides every ABI v1 host function.
+pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    let m = abi::HOST_MODULE;
+
+    linker.func_wrap(
+        m,
+        "emit_point",
+        |mut caller: Caller<'_, HostState>, msg: i32, name_ptr: i32, name_len: i32, value: f64, time_ms: i64| -> i32 {
+            let Some(metric) = guest_str(&caller, name_ptr, name_len) else {
+                return status::BAD_MEMORY;
+            };
+            if metric.is_empty() || !value.is_finite() {
+                return status::INVALID;
+            }
+            let state = caller.data_mut();
+            match state.slot(msg) {
+                None => return status::BAD_MESSAGE,
+                Some(slot) if !slot.has_device => return status::NO_DEVICE,
+                Some(_) => {}
+            }
+            state.push(msg, GuestOutput::Point { metric, value, time_ms: time_arg(time_ms) })
+        },
+    )?;
+
+    linker.func_wrap(
+        m,
+        "emit_event",
+        |mut caller: Caller<'_, HostState>, msg: i32, ptr: i32, len: i32, time_ms: i64| -> i32 {
+            let Some(document) = guest_bytes(&caller, ptr, len) else {
+                return status::BAD_MEMORY;
+            };
+            if serde_json::from_slice::<serde::de::IgnoredAny>(&document).is_err() {
+                return status::INVALID;
+            }
+            caller.data_mut().push(msg, GuestOutput::Event { document, time_ms: time_arg(time_ms) })
+        },
+    )?;
+
+    linker.func_wrap(
+        m,
+        "publish",
+        |mut caller: Caller<'_, HostState>,
+         msg: i32,
+         topic_ptr: i32,
+         topic_len: i32,
+         payload_ptr: i32,
+         payload_len: i32,
+         qos: i32,
+         retain: i32|
+         -> i32 {
+            let (Some(topic), Some(payload)) = (
+                guest_str(&caller, topic_ptr, topic_len),
+                guest_bytes(&caller, payload_ptr, payload_len),
+            ) else {
+                return status::BAD_MEMORY;
+            };
+            if topic.is_empty() || topic.contains(['+', '#', '\0']) || !(0..=2).contains(&qos) {
+                return status::INVALID;
+            }
+            caller.data_mut().push(
+                msg,
+                GuestOutput::Publish { topic, payload, qos: qos as u8, retain: retain != 0 },
+            )
+        },
+    )?;
+
+    linker.func_wrap(m, "drop_message", |mut caller: Caller<'_, HostState>, msg: i32| -> i32 {
+        match caller.data_mut().slot(msg) {
+            None => status::BAD_MESSAGE,
+            Some(slot) => {
+                slot.verdict = Verdict::Dropped;
+                status::OK
+            }
+        }
+    })?;
+
+    linker.func_wrap(
+        m,
+        "fail",
+        |mut caller: Caller<'_, HostState>, msg: i32, ptr: i32, len: i32| -> i32 {
+            let Some(bytes) = guest_bytes(&caller, ptr, len.min(4096)) else {
+                return status::BAD_MEMORY;
+            };
+            let reason = String::from_utf8_lossy(&bytes).into_owned();
+            match caller.data_mut().slot(msg) {
+                None => status::BAD_MESSAGE,
+                Some(slot) => {
+                    slot.verdict = Verdict::Failed(reason);
+                    status::OK
+                }
+            }
+        },
+    )?;
+
+    linker.func_wrap(
+        m,
+        "log",
+        |mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| -> i32 {
+            let Some(bytes) = guest_bytes(&caller, ptr, len.min(MAX_LOG_LINE_BYTES as i32)) else {
+                return status::BAD_MEMORY;
+            };
+            let state = caller.data_mut();
+            let (allowed, suppressed) = state.log_budget.take();
+            let rule = &*state.rule;
+            if suppressed > 0 {
+                warn!(rule, suppressed, "guest log lines suppressed by the rate limit");
+            }
+            if allowed {
+                let text = String::from_utf8_lossy(&bytes);
+                match level {
+                    ..=0 => error!(rule, "{text}"),
+                    1 => warn!(rule, "{text}"),
+                    2 => info!(rule, "{text}"),
+                    3 => debug!(rule, "{text}"),
+                    _ => trace!(rule, "{text}"),
+                }
+            }
+            status::OK
+        },
+    )?;
+
+    Ok(linker)
+}

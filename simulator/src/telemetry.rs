@@ -1,0 +1,328 @@
+//! Telemetry payloads of one simulated device.
+//!
+//! Benchmarks should exercise Sluice with data that looks like a real sensor
+//! fleet: values that drift slowly around a plausible level and never leave a
+//! physical range, not uniform noise. Each metric is therefore a bounded,
+//! mean-reverting random walk whose state is kept per device.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Map, Number, Value};
+
+/// How one metric moves from message to message.
+#[derive(Debug, Clone, PartialEq)]
+struct WalkSpec {
+    /// Lowest value the metric may take.
+    min: f64,
+    /// Highest value the metric may take.
+    max: f64,
+    /// Level the walk drifts back towards.
+    centre: f64,
+    /// Half-width of the range a fresh device starts in, around `centre`.
+    start_spread: f64,
+    /// Largest random change per message.
+    step: f64,
+    /// Fraction of the distance to `centre` recovered per message.
+    reversion: f64,
+    /// Constant change per message (negative for a draining battery).
+    trend: f64,
+    /// Value to jump to when the walk reaches `min` under a negative trend
+    /// (a battery being replaced); `None` to just stay clamped.
+    reset_to: Option<f64>,
+    /// Decimal places kept in the payload, like a sensor's resolution.
+    decimals: i32,
+}
+
+/// The four named metrics, in the order `--metrics` takes them.
+fn named_specs() -> [(&'static str, WalkSpec); 4] {
+    [
+        (
+            "temperature",
+            WalkSpec {
+                min: -10.0,
+                max: 50.0,
+                centre: 21.0,
+                start_spread: 3.0,
+                step: 0.15,
+                reversion: 0.002,
+                trend: 0.0,
+                reset_to: None,
+                decimals: 2,
+            },
+        ),
+        (
+            "humidity",
+            WalkSpec {
+                min: 0.0,
+                max: 100.0,
+                centre: 45.0,
+                start_spread: 10.0,
+                step: 0.5,
+                reversion: 0.002,
+                trend: 0.0,
+                reset_to: None,
+                decimals: 1,
+            },
+        ),
+        (
+            "pressure",
+            WalkSpec {
+                min: 950.0,
+                max: 1050.0,
+                centre: 1013.25,
+                start_spread: 8.0,
+                step: 0.2,
+                reversion: 0.001,
+                trend: 0.0,
+                reset_to: None,
+                decimals: 2,
+            },
+        ),
+        (
+            "battery",
+            WalkSpec {
+                min: 0.0,
+                max: 100.0,
+                centre: 100.0,
+                start_spread: 40.0,
+                step: 0.02,
+                reversion: 0.0,
+                trend: -0.005,
+                reset_to: Some(100.0),
+                decimals: 2,
+            },
+        ),
+    ]
+}
+
+/// Generic percentage-like gauge used for `m5`, `m6`, ….
+fn generic_spec() -> WalkSpec {
+    WalkSpec {
+        min: 0.0,
+        max: 100.0,
+        centre: 50.0,
+        start_spread: 20.0,
+        step: 1.0,
+        reversion: 0.005,
+        trend: 0.0,
+        reset_to: None,
+        decimals: 2,
+    }
+}
+
+/// One metric's walk state.
+#[derive(Debug, Clone)]
+struct Walk {
+    name: String,
+    spec: WalkSpec,
+    value: f64,
+}
+
+impl Walk {
+    fn new(name: String, spec: WalkSpec, rng: &mut impl Rng) -> Self {
+        let lo = (spec.centre - spec.start_spread).max(spec.min);
+        let hi = (spec.centre + spec.start_spread).min(spec.max);
+        let value = rng.random_range(lo..=hi);
+        Walk { name, spec, value }
+    }
+
+    fn advance(&mut self, rng: &mut impl Rng) {
+        let s = &self.spec;
+        let noise = rng.random_range(-s.step..=s.step);
+        let next = self.value + noise + s.trend + s.reversion * (s.centre - self.value);
+        self.value = match s.reset_to {
+            Some(reset) if next <= s.min => reset,
+            _ => next.clamp(s.min, s.max),
+        };
+    }
+
+    /// The value as reported: rounded to the sensor resolution, and a JSON
+    /// number (the walk is clamped, so it is always finite).
+    fn reading(&self) -> Value {
+        let scale = 10f64.powi(self.spec.decimals);
+        let rounded = (self.value * scale).round() / scale;
+        Number::from_f64(rounded).map_or(Value::Null, Value::Number)
+    }
+}
+
+/// Produces the successive telemetry messages of one device.
+#[derive(Debug)]
+pub struct TelemetryGenerator {
+    seq: u64,
+    walks: Vec<Walk>,
+    rng: SmallRng,
+}
+
+impl TelemetryGenerator {
+    /// A generator with `metrics` numeric fields besides `seq`. A fixed
+    /// `seed` makes the value sequence reproducible.
+    pub fn new(metrics: usize, seed: Option<u64>) -> Self {
+        let mut rng = match seed {
+            Some(seed) => SmallRng::seed_from_u64(seed),
+            None => SmallRng::from_os_rng(),
+        };
+        let named = named_specs();
+        let walks = (0..metrics)
+            .map(|i| match named.get(i) {
+                Some((name, spec)) => Walk::new((*name).to_owned(), spec.clone(), &mut rng),
+                None => Walk::new(format!("m{}", i + 1), generic_spec(), &mut rng),
+            })
+            .collect();
+        TelemetryGenerator { seq: 0, walks, rng }
+    }
+
+    /// `seq` of the next message.
+    #[cfg(test)]
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The next message as a JSON object, stamped with `ts_ms` (epoch
+    /// milliseconds). Advances `seq` by one and every walk by one step.
+    pub fn next_message(&mut self, ts_ms: i64) -> Map<String, Value> {
+        let mut obj = Map::with_capacity(self.walks.len() + 2);
+        obj.insert("seq".to_owned(), Value::from(self.seq));
+        obj.insert("ts".to_owned(), Value::from(ts_ms));
+        for walk in &self.walks {
+            obj.insert(walk.name.clone(), walk.reading());
+        }
+        self.seq += 1;
+        for walk in &mut self.walks {
+            walk.advance(&mut self.rng);
+        }
+        obj
+    }
+
+    /// The next message serialised as the MQTT payload.
+    pub fn next_payload(&mut self, ts_ms: i64) -> Vec<u8> {
+        let obj = self.next_message(ts_ms);
+        serde_json::to_vec(&obj).expect("a map of strings and finite numbers always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_a_json_object_with_the_expected_fields() {
+        let mut g = TelemetryGenerator::new(4, Some(1));
+        let v: Value = serde_json::from_slice(&g.next_payload(1_700_000_000_123)).unwrap();
+        let obj = v.as_object().expect("payload is a JSON object");
+        let mut keys: Vec<_> = obj.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "battery",
+                "humidity",
+                "pressure",
+                "seq",
+                "temperature",
+                "ts"
+            ]
+        );
+        assert_eq!(obj["seq"], 0);
+        assert_eq!(obj["ts"], 1_700_000_000_123_i64);
+        for key in ["temperature", "humidity", "pressure", "battery"] {
+            assert!(obj[key].is_f64(), "{key} should be a number: {}", obj[key]);
+        }
+    }
+
+    #[test]
+    fn metrics_count_controls_fields() {
+        let fields = |k| {
+            let mut g = TelemetryGenerator::new(k, Some(2));
+            let obj = g.next_message(0);
+            obj.keys().cloned().collect::<Vec<_>>()
+        };
+        assert_eq!(fields(0), ["seq", "ts"]);
+        assert_eq!(fields(2).len(), 4);
+        assert!(fields(2).contains(&"humidity".to_owned()));
+        assert!(!fields(2).contains(&"pressure".to_owned()));
+        let six = fields(6);
+        assert_eq!(six.len(), 8);
+        assert!(six.contains(&"m5".to_owned()));
+        assert!(six.contains(&"m6".to_owned()));
+        assert!(!six.contains(&"m7".to_owned()));
+    }
+
+    #[test]
+    fn seq_starts_at_zero_and_increments_by_one() {
+        let mut g = TelemetryGenerator::new(4, None);
+        for expected in 0..100u64 {
+            assert_eq!(g.next_seq(), expected);
+            let v: Value = serde_json::from_slice(&g.next_payload(0)).unwrap();
+            assert_eq!(v["seq"].as_u64(), Some(expected));
+        }
+    }
+
+    #[test]
+    fn values_stay_plausible_over_many_steps() {
+        let bounds = [
+            ("temperature", -10.0, 50.0),
+            ("humidity", 0.0, 100.0),
+            ("pressure", 950.0, 1050.0),
+            ("battery", 0.0, 100.0),
+            ("m5", 0.0, 100.0),
+            ("m6", 0.0, 100.0),
+        ];
+        for seed in 0..5 {
+            let mut g = TelemetryGenerator::new(6, Some(seed));
+            for _ in 0..10_000 {
+                let obj = g.next_message(0);
+                for (key, lo, hi) in bounds {
+                    let x = obj[key].as_f64().unwrap();
+                    assert!(x.is_finite() && (lo..=hi).contains(&x), "{key} = {x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn values_drift_smoothly_and_temperature_stays_near_room_level() {
+        let mut g = TelemetryGenerator::new(4, Some(42));
+        let mut prev = g.next_message(0)["temperature"].as_f64().unwrap();
+        let mut sum = prev;
+        for _ in 1..10_000 {
+            let t = g.next_message(0)["temperature"].as_f64().unwrap();
+            // One step plus rounding: a sensor does not jump.
+            assert!((t - prev).abs() < 0.25, "jump from {prev} to {t}");
+            prev = t;
+            sum += t;
+        }
+        let mean = sum / 10_000.0;
+        assert!((10.0..=32.0).contains(&mean), "mean temperature {mean}");
+    }
+
+    #[test]
+    fn same_seed_gives_same_values_and_devices_differ() {
+        let mut a = TelemetryGenerator::new(4, Some(7));
+        let mut b = TelemetryGenerator::new(4, Some(7));
+        let mut c = TelemetryGenerator::new(4, Some(8));
+        let (pa, pb, pc) = (a.next_payload(5), b.next_payload(5), c.next_payload(5));
+        assert_eq!(pa, pb);
+        assert_ne!(pa, pc);
+    }
+
+    #[test]
+    fn battery_drains_and_is_replaced_when_empty() {
+        let spec = named_specs()[3].1.clone();
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut walk = Walk {
+            name: "battery".to_owned(),
+            spec,
+            value: 0.01,
+        };
+        walk.advance(&mut rng);
+        assert_eq!(walk.value, 100.0);
+        let mut w = Walk {
+            value: 80.0,
+            ..walk
+        };
+        for _ in 0..1000 {
+            w.advance(&mut rng);
+        }
+        assert!(w.value < 80.0, "battery should drain, is {}", w.value);
+    }
+}

@@ -1,0 +1,37 @@
+//! The gRPC API: `sluice.v1.Telemetry`, plus the standard health service and
+//! server reflection (v1 and v1alpha, since common clients still speak the
+//! latter), so `grpcurl`-style tools work without the .proto files.
+
+mod page_token;
+mod telemetry;
+
+use sqlx::PgPool;
+use sluice_proto::v1::telemetry_server::TelemetryServer;
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub async fn serve(listener: TcpListener, pool: PgPool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<TelemetryServer<telemetry::TelemetryService>>().await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    info!(addr = %listener.local_addr()?, "gRPC API listening");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(TelemetryServer::new(telemetry::TelemetryService::new(pool)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

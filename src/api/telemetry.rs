@@ -1,0 +1,189 @@
+//! `sluice.v1.Telemetry`: request validation and mapping to storage queries.
+
+use super::page_token::{Kind, PageToken};
+use chrono::{DateTime, TimeZone, Utc};
+use sluice_ingest::query::{self, EventsQuery, PointsQuery};
+use sluice_proto::v1::telemetry_server::Telemetry;
+use sluice_proto::v1::{
+    Event, Point, QueryEventsRequest, QueryEventsResponse, QueryPointsRequest, QueryPointsResponse,
+};
+use sluice_rules::TopicFilter;
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+use tracing::{error, instrument};
+
+/// Rows per page when the request says 0.
+pub const DEFAULT_PAGE_SIZE: u32 = 1_000;
+/// Larger requests are refused, so one call cannot pull the whole table.
+pub const MAX_PAGE_SIZE: u32 = 10_000;
+
+pub struct TelemetryService {
+    pool: PgPool,
+}
+
+impl TelemetryService {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for TelemetryService {
+    #[instrument(level = "debug", skip_all, fields(device_id = %request.get_ref().device_id))]
+    async fn query_points(&self, request: Request<QueryPointsRequest>) -> Result<Response<QueryPointsResponse>, Status> {
+        let r = request.into_inner();
+        if r.device_id.is_empty() {
+            return Err(Status::invalid_argument("device_id is required"));
+        }
+        let (start, end) = time_range(r.start.as_ref(), r.end.as_ref())?;
+        let limit = page_size(r.limit)?;
+        let after = page_after(&r.page_token, Kind::Points)?
+            .map(|t| i32::try_from(t.key).map(|k| (t.time, k)))
+            .transpose()
+            .map_err(|_| bad_token())?;
+        let q = PointsQuery {
+            device_id: &r.device_id,
+            metric: (!r.metric.is_empty()).then_some(r.metric.as_str()),
+            start,
+            end,
+            after,
+            limit: limit + 1,
+        };
+        let mut rows = query::query_points(&self.pool, &q).await.map_err(db_error)?;
+        let next_page_token = next_token(&mut rows, limit, Kind::Points, |p| (p.time, i64::from(p.series_id)));
+        let points = rows
+            .into_iter()
+            .map(|p| Point {
+                device_id: r.device_id.clone(),
+                metric: p.metric,
+                time: Some(to_timestamp(p.time)),
+                value: p.value,
+            })
+            .collect();
+        Ok(Response::new(QueryPointsResponse { points, next_page_token }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(device_id = %request.get_ref().device_id))]
+    async fn query_events(&self, request: Request<QueryEventsRequest>) -> Result<Response<QueryEventsResponse>, Status> {
+        let r = request.into_inner();
+        let (start, end) = time_range(r.start.as_ref(), r.end.as_ref())?;
+        let limit = page_size(r.limit)?;
+        let topic_regex = if r.topic_filter.is_empty() {
+            None
+        } else {
+            let filter = TopicFilter::new(&r.topic_filter)
+                .map_err(|e| Status::invalid_argument(format!("topic_filter: {e}")))?;
+            Some(query::topic_filter_regex(filter.as_str()))
+        };
+        let after = page_after(&r.page_token, Kind::Events)?.map(|t| (t.time, t.key));
+        let q = EventsQuery {
+            device_id: (!r.device_id.is_empty()).then_some(r.device_id.as_str()),
+            topic_regex: topic_regex.as_deref(),
+            start,
+            end,
+            after,
+            limit: limit + 1,
+        };
+        let mut rows = query::query_events(&self.pool, &q).await.map_err(db_error)?;
+        let next_page_token = next_token(&mut rows, limit, Kind::Events, |e| (e.time, e.id));
+        let events = rows
+            .into_iter()
+            .map(|e| Event {
+                device_id: e.device_id.unwrap_or_default(),
+                topic: e.topic,
+                time: Some(to_timestamp(e.time)),
+                payload: e.payload,
+                rule: e.rule.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(QueryEventsResponse { events, next_page_token }))
+    }
+}
+
+/// Queries ask for one row more than the page; if it came, there is a next
+/// page and it starts after the page's last row.
+fn next_token<T>(rows: &mut Vec<T>, limit: u32, kind: Kind, key: impl Fn(&T) -> (DateTime<Utc>, i64)) -> String {
+    if rows.len() <= limit as usize {
+        return String::new();
+    }
+    rows.truncate(limit as usize);
+    let (time, key) = key(rows.last().expect("limit is at least 1"));
+    PageToken { time, key }.encode(kind)
+}
+
+fn page_after(token: &str, kind: Kind) -> Result<Option<PageToken>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    PageToken::decode(token, kind).map(Some).ok_or_else(bad_token)
+}
+
+fn bad_token() -> Status {
+    Status::invalid_argument("page_token is not a token this server issued for this kind of query")
+}
+
+fn page_size(limit: u32) -> Result<u32, Status> {
+    match limit {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > MAX_PAGE_SIZE => Err(Status::invalid_argument(format!(
+            "limit {n} is over the maximum page size of {MAX_PAGE_SIZE}; page with page_token instead"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// The far ends used when the caller leaves `start` or `end` out; both are
+/// within PostgreSQL's timestamptz range.
+fn open_start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(1900, 1, 1, 0, 0, 0).unwrap()
+}
+fn open_end() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(9999, 1, 1, 0, 0, 0).unwrap()
+}
+
+fn time_range(
+    start: Option<&prost_types::Timestamp>,
+    end: Option<&prost_types::Timestamp>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), Status> {
+    let start = start.map(|t| from_timestamp(t, "start")).transpose()?.unwrap_or_else(open_start);
+    let end = end.map(|t| from_timestamp(t, "end")).transpose()?.unwrap_or_else(open_end);
+    if end <= start {
+        return Err(Status::invalid_argument(format!(
+            "end ({end}) must be after start ({start}); the range is [start, end)"
+        )));
+    }
+    Ok((start.max(open_start()), end.min(open_end())))
+}
+
+fn from_timestamp(t: &prost_types::Timestamp, field: &str) -> Result<DateTime<Utc>, Status> {
+    u32::try_from(t.nanos)
+        .ok()
+        .and_then(|nanos| Utc.timestamp_opt(t.seconds, nanos).single())
+        .ok_or_else(|| Status::invalid_argument(format!("{field} is not a valid timestamp")))
+}
+
+fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+fn db_error(e: sqlx::Error) -> Status {
+    error!(error = %e, "query failed");
+    Status::unavailable("the database could not answer; try again")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_and_ranges_are_checked() {
+        assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_size(MAX_PAGE_SIZE + 1).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let t = |s| prost_types::Timestamp { seconds: s, nanos: 0 };
+        assert!(time_range(Some(&t(10)), Some(&t(5))).is_err());
+        assert!(time_range(Some(&t(10)), Some(&t(10))).is_err());
+        assert!(time_range(Some(&t(5)), Some(&t(10))).is_ok());
+        let bad = prost_types::Timestamp { seconds: 0, nanos: -1 };
+        assert!(time_range(Some(&bad), None).is_err());
+    }
+}
