@@ -65,14 +65,18 @@ impl Broker {
                 .map(|(tx, rx, _connack)| (tx, rx))
                 .map_err(|e| BrokerError::Link(e.to_string()))
         };
-        let consumer = consumer::spawn(link("$sluice-pipeline")?, tx, hops.clone())?;
+        // Local links share the client-id namespace with devices, and rumqttd
+        // forbids `$` in ids; a random suffix keeps a device from taking over
+        // (and so disconnecting) Sluice's own links.
+        let nonce = local_link_nonce();
+        let consumer = consumer::spawn(link(&format!("sluice-pipeline-{nonce}"))?, tx, hops.clone())?;
 
         let connections = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.connection_threads.max(1))
             .thread_name("mqtt-conn")
             .enable_all()
             .build()?;
-        let publisher = Publisher::new(link("$sluice-rules")?, hops)?;
+        let publisher = Publisher::new(link(&format!("sluice-rules-{nonce}"))?, hops)?;
 
         let mut server = Server::new(server_settings(config), router_tx, V4);
         connections.spawn(async move {
@@ -106,6 +110,13 @@ impl Broker {
         self.stop_accepting();
         self.consumer.drain_and_stop();
     }
+}
+
+fn local_link_nonce() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_nanos()));
+    format!("{:016x}", h.finish())
 }
 
 fn router_config(c: &BrokerConfig) -> RouterConfig {

@@ -463,10 +463,20 @@ impl Cluster {
     }
 
     fn run(&self, what: &str, cmd: &mut Command) -> Result<Output, ManagedError> {
-        cmd.output().map_err(io_error(format!(
-            "running {what} ({})",
-            Path::new(cmd.get_program()).display()
-        )))
+        let program = Path::new(cmd.get_program()).display().to_string();
+        cmd.output().map_err(|error| {
+            // The child changes to the cluster directory before exec, so a data directory the
+            // server user cannot reach shows up here as a bare "Permission denied".
+            match self.traversal_hint() {
+                Some(hint) if error.kind() == io::ErrorKind::PermissionDenied => {
+                    ManagedError::Command {
+                        what: format!("running {what} ({program})"),
+                        detail: format!("{error}\n{hint}"),
+                    }
+                }
+                _ => io_error(format!("running {what} ({program})"))(error),
+            }
+        })
     }
 
     fn chown_to_server_user(&self, path: &Path) -> Result<(), ManagedError> {

@@ -1,0 +1,66 @@
+//! Rule guests written in WAT for the tests, each for one behaviour.
+
+#![allow(dead_code)]
+
+/// Imports, memory and the two exports every ABI v1 guest needs. `sluice_alloc`
+/// hands out one buffer at 64 KiB, growing memory to fit.
+const PRELUDE: &str = r#"
+  (import "sluice" "emit_event" (func $emit_event (param i32 i32 i32 i64) (result i32)))
+  (memory (export "memory") 2)
+  (func (export "sluice_abi_version") (result i32) i32.const 1)
+  (func (export "sluice_alloc") (param $n i32) (result i32)
+    (local $pages i32)
+    (local.set $pages
+      (i32.sub
+        (i32.shr_u (i32.add (local.get $n) (i32.const 131071)) (i32.const 16))
+        (memory.size)))
+    (if (i32.gt_s (local.get $pages) (i32.const 0))
+      (then (drop (memory.grow (local.get $pages)))))
+    i32.const 65536)
+"#;
+
+/// Emits the event `document` (JSON) for every message.
+pub fn constant_event(document: &str) -> String {
+    let escaped = document.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        r#"(module {PRELUDE}
+  (data (i32.const 16) "{escaped}")
+  (func (export "sluice_on_batch") (param $ptr i32) (param $count i32) (result i32)
+    (local $i i32)
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_s (local.get $i) (local.get $count)))
+        (drop (call $emit_event (local.get $i) (i32.const 16) (i32.const {len}) (i64.const -9223372036854775808)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $next)))
+    i32.const 0))"#,
+        len = document.len()
+    )
+}
+
+/// Misbehaves on purpose, by the first byte of each payload: `l` loops
+/// forever, `o` grows memory until refused, `t` traps; anything else gets
+/// the event `{"ok":true}`.
+pub fn chaos() -> String {
+    format!(
+        r#"(module {PRELUDE}
+  (data (i32.const 16) "{{\"ok\":true}}")
+  (func (export "sluice_on_batch") (param $ptr i32) (param $count i32) (result i32)
+    (local $i i32) (local $first i32)
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_s (local.get $i) (local.get $count)))
+        ;; payload_ptr is at offset 8 of the 40-byte descriptor
+        (local.set $first
+          (i32.load8_u
+            (i32.load offset=8 (i32.add (local.get $ptr) (i32.mul (local.get $i) (i32.const 40))))))
+        (if (i32.eq (local.get $first) (i32.const 108)) (then (loop $forever (br $forever))))
+        (if (i32.eq (local.get $first) (i32.const 111))
+          (then (loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))))
+        (if (i32.eq (local.get $first) (i32.const 116)) (then unreachable))
+        (drop (call $emit_event (local.get $i) (i32.const 16) (i32.const 11) (i64.const -9223372036854775808)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $next)))
+    i32.const 0))"#
+    )
+}

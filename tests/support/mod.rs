@@ -1,0 +1,232 @@
+//! Test harness: a throw-away PostgreSQL and a real `sluice serve` child
+//! process on free ports, with real MQTT (rumqttc) and gRPC (tonic) clients.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use rumqttc::{AsyncClient, EventLoop, MqttOptions, QoS};
+use sluice_ingest::managed::ManagedPostgres;
+use sluice_proto::v1::telemetry_client::TelemetryClient;
+use sluice_proto::v1::{QueryEventsRequest, QueryPointsRequest};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+pub struct Sluice {
+    child: Option<Child>,
+    pub mqtt_port: u16,
+    pub grpc_port: u16,
+    pub metrics_port: u16,
+    pub rules_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub pg: ManagedPostgres,
+    pub db: sqlx::PgPool,
+    tmp: TempDir,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Sluice {
+    /// Starts PostgreSQL and Sluice; `prepare_rules` may fill the rules
+    /// directory before Sluice first reads it.
+    pub async fn start(prepare_rules: impl FnOnce(&Path)) -> Self {
+        let tmp = tempfile::Builder::new().prefix("sluice-test-").tempdir().unwrap();
+        let pg = ManagedPostgres::start_ephemeral(&tmp.path().join("pg")).await.expect("throw-away PostgreSQL");
+        let rules_dir = tmp.path().join("rules");
+        std::fs::create_dir_all(&rules_dir).unwrap();
+        prepare_rules(&rules_dir);
+        let (mqtt_port, grpc_port, metrics_port) = (free_port(), free_port(), free_port());
+        let log_path = tmp.path().join("sluice.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("serve")
+            .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .arg("--rules")
+            .arg(&rules_dir)
+            .env("DATABASE_URL", pg.database_url())
+            .env("RUST_LOG", "info,sluice=debug,sluice_rules=debug")
+            .env("SLUICE_RULES__LIMITS__TIMEOUT_MS", "100")
+            .current_dir(tmp.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sluice");
+        let db = sqlx::PgPool::connect(&pg.database_url()).await.unwrap();
+        let mut s = Self { child: Some(child), mqtt_port, grpc_port, metrics_port, rules_dir, log_path, pg, db, tmp };
+        s.wait_ready().await;
+        s
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("sluice exited early ({status}):\n{}", self.log());
+            }
+            if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port)).unwrap().connect().await {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let req = tonic_health::pb::HealthCheckRequest { service: "sluice.v1.Telemetry".into() };
+                if let Ok(r) = health.check(req).await
+                    && r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                    && std::net::TcpStream::connect(("127.0.0.1", self.mqtt_port)).is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "sluice did not become ready:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub async fn telemetry(&self) -> TelemetryClient<Channel> {
+        TelemetryClient::connect(format!("http://127.0.0.1:{}", self.grpc_port)).await.unwrap()
+    }
+
+    /// A connected MQTT client whose event loop runs in the background.
+    pub async fn mqtt(&self, client_id: &str) -> AsyncClient {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", self.mqtt_port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, eventloop) = AsyncClient::new(opts, 1000);
+        tokio::spawn(drive(eventloop));
+        client
+    }
+
+    pub async fn metrics(&self) -> String {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
+    /// SIGTERM, then the process must exit 0 within the timeout.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "sluice did not stop after SIGTERM:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = self.log();
+        assert!(status.success(), "sluice exited with {status}:\n{log}");
+        log
+    }
+
+    /// Polls until `check` returns Some, or panics with the log after `timeout`.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; sluice log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn dead_letters(&self) -> Vec<DeadLetter> {
+        sqlx::query_as("SELECT device_id, topic, rule, reason, payload FROM dead_letters ORDER BY id")
+            .fetch_all(&self.db)
+            .await
+            .unwrap()
+    }
+
+    pub async fn all_points(&self, device_id: &str) -> Vec<sluice_proto::v1::Point> {
+        let mut client = self.telemetry().await;
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let r = client
+                .query_points(QueryPointsRequest { device_id: device_id.into(), page_token, limit: 1000, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            out.extend(r.points);
+            if r.next_page_token.is_empty() {
+                return out;
+            }
+            page_token = r.next_page_token;
+        }
+    }
+
+    pub async fn all_events(&self, topic_filter: &str) -> Vec<sluice_proto::v1::Event> {
+        let mut client = self.telemetry().await;
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let r = client
+                .query_events(QueryEventsRequest { topic_filter: topic_filter.into(), page_token, limit: 1000, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            out.extend(r.events);
+            if r.next_page_token.is_empty() {
+                return out;
+            }
+            page_token = r.next_page_token;
+        }
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub device_id: Option<String>,
+    pub topic: String,
+    pub rule: Option<String>,
+    pub reason: String,
+    pub payload: Vec<u8>,
+}
+
+async fn drive(mut eventloop: EventLoop) {
+    loop {
+        if eventloop.poll().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Publishes and waits until the broker acknowledged (QoS 1).
+pub async fn publish(client: &AsyncClient, topic: &str, payload: impl Into<Vec<u8>>) {
+    client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.unwrap();
+}
+
+/// Compiles WAT text into a module file.
+pub fn write_wat(path: &Path, wat_text: &str) {
+    let wasm = wat::parse_str(wat_text).expect("valid WAT");
+    std::fs::write(path, wasm).unwrap();
+}
+
+/// Replaces a file atomically (write beside it, then rename), as a deploy should.
+pub fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-new");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
