@@ -113,7 +113,11 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         match file {
             Some(path) => {
-                anyhow::ensure!(path.is_file(), "config file {} does not exist", path.display());
+                anyhow::ensure!(
+                    path.is_file(),
+                    "config file {} does not exist",
+                    path.display()
+                );
                 figment = figment.merge(Toml::file(path));
             }
             None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
@@ -122,7 +126,11 @@ impl Config {
             None => {}
         }
         figment = figment
-            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database_url".into()))
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database_url".into()),
+            )
             .merge(Env::prefixed("SLUICE_").split("__"))
             .merge(Serialized::defaults(flags));
         Ok(figment.extract()?)
@@ -156,11 +164,15 @@ mod tests {
 
     #[test]
     fn passwords_are_masked() {
-        assert_eq!(mask_url_password("postgres://u:p@h:5/d"), "postgres://u:****@h:5/d");
+        assert_eq!(
+            mask_url_password("postgres://u:p@h:5/d"),
+            "postgres://u:****@h:5/d"
+        );
         assert_eq!(mask_url_password("postgres://u@h/d"), "postgres://u@h/d");
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure type is fixed by figment
     fn layers_override_in_order() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("s.toml", "grpc_listen = \"127.0.0.1:1\"\n[ingest]\nbatch_rows = 7\n[broker]\nmax_connections = 3\n")?;

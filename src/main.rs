@@ -12,7 +12,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "IoT telemetry ingestion: MQTT in, WebAssembly rules, PostgreSQL out, gRPC query")]
+#[command(
+    name = "sluice",
+    version,
+    about = "IoT telemetry ingestion: MQTT in, WebAssembly rules, PostgreSQL out, gRPC query"
+)]
 struct Cli {
     /// Configuration file (TOML). Default: ./sluice.toml when it exists.
     #[arg(long, global = true, env = "SLUICE_CONFIG")]
@@ -69,7 +73,9 @@ impl Flags {
             database_url: self.database_url,
             grpc_listen: self.grpc_listen,
             metrics_listen: self.metrics_listen,
-            broker: self.mqtt_listen.map(|mqtt_listen| BrokerFlags { mqtt_listen }),
+            broker: self
+                .mqtt_listen
+                .map(|mqtt_listen| BrokerFlags { mqtt_listen }),
             rules: self.rules_dir.map(|dir| RulesFlags { dir }),
         }
     }

@@ -26,7 +26,13 @@ pub fn spawn(
         .spawn(move || run(rx, processor, sink, publisher, batch_max.max(1)))
 }
 
-fn run(mut rx: mpsc::Receiver<InboundMessage>, mut processor: Processor, sink: Sink, publisher: Publisher, batch_max: usize) {
+fn run(
+    mut rx: mpsc::Receiver<InboundMessage>,
+    mut processor: Processor,
+    sink: Sink,
+    publisher: Publisher,
+    batch_max: usize,
+) {
     let mut messages = Vec::with_capacity(batch_max);
     let mut outputs = Vec::new();
     while let Some(first) = rx.blocking_recv() {
@@ -65,31 +71,60 @@ fn to_rule_message(m: InboundMessage) -> Message {
 }
 
 /// Turns outputs into records for the writer and performs rule publishes.
-fn route_outputs(outputs: &mut Vec<Output>, messages: &[Message], publisher: &Publisher) -> Vec<Record> {
+fn route_outputs(
+    outputs: &mut Vec<Output>,
+    messages: &[Message],
+    publisher: &Publisher,
+) -> Vec<Record> {
     let mut records = Vec::with_capacity(outputs.len());
     for output in outputs.drain(..) {
         match output {
-            Output::Point { device_id, metric, time, value } => {
-                records.push(Record::Point(PointRecord { device_id, metric, time, value }))
-            }
-            Output::Event { device_id, topic, time, rule, payload } => records.push(Record::Event(EventRecord {
+            Output::Point {
+                device_id,
+                metric,
+                time,
+                value,
+            } => records.push(Record::Point(PointRecord {
+                device_id,
+                metric,
+                time,
+                value,
+            })),
+            Output::Event {
+                device_id,
+                topic,
+                time,
+                rule,
+                payload,
+            } => records.push(Record::Event(EventRecord {
                 device_id,
                 topic,
                 time,
                 rule: rule.map(|r| r.to_string()),
                 payload,
             })),
-            Output::DeadLetter { device_id, topic, received_at, rule, reason, payload } => {
-                records.push(Record::DeadLetter(DeadLetterRecord {
-                    device_id,
-                    topic,
-                    received_at,
-                    rule: rule.map(|r| r.to_string()),
-                    reason,
-                    payload: payload.to_vec(),
-                }))
-            }
-            Output::Publish { topic, payload, qos: _, retain, hops } => {
+            Output::DeadLetter {
+                device_id,
+                topic,
+                received_at,
+                rule,
+                reason,
+                payload,
+            } => records.push(Record::DeadLetter(DeadLetterRecord {
+                device_id,
+                topic,
+                received_at,
+                rule: rule.map(|r| r.to_string()),
+                reason,
+                payload: payload.to_vec(),
+            })),
+            Output::Publish {
+                topic,
+                payload,
+                qos: _,
+                retain,
+                hops,
+            } => {
                 metrics::counter!("sluice_rule_publishes_total").increment(1);
                 if let Err(e) = publisher.publish(&topic, payload.clone(), retain, hops) {
                     // Keep what the rule wanted to say rather than lose it.
@@ -97,7 +132,10 @@ fn route_outputs(outputs: &mut Vec<Output>, messages: &[Message], publisher: &Pu
                     records.push(Record::DeadLetter(DeadLetterRecord {
                         device_id: None,
                         topic,
-                        received_at: messages.first().map(|m| m.received_at).unwrap_or_else(chrono::Utc::now),
+                        received_at: messages
+                            .first()
+                            .map(|m| m.received_at)
+                            .unwrap_or_else(chrono::Utc::now),
                         rule: None,
                         reason: format!("rule publish failed: {e}"),
                         payload,

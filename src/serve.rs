@@ -35,10 +35,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let result = run(&config, &database_url).await;
-    if let Some(pg) = managed {
-        if let Err(e) = pg.stop().await {
-            warn!(error = %e, "stopping the managed PostgreSQL failed");
-        }
+    if let Some(pg) = managed
+        && let Err(e) = pg.stop().await
+    {
+        warn!(error = %e, "stopping the managed PostgreSQL failed");
     }
     result
 }
@@ -50,10 +50,18 @@ async fn run(config: &Config, database_url: &str) -> anyhow::Result<()> {
     let (sink, writer) = sluice_ingest::spawn_writer(pool.clone(), config.ingest.clone());
 
     let rules_cfg = &config.rules;
-    std::fs::create_dir_all(&rules_cfg.dir)
-        .with_context(|| format!("cannot create the rules directory {}", rules_cfg.dir.display()))?;
+    std::fs::create_dir_all(&rules_cfg.dir).with_context(|| {
+        format!(
+            "cannot create the rules directory {}",
+            rules_cfg.dir.display()
+        )
+    })?;
     let engine = RuleEngine::new()?;
-    let mut loader = RuleLoader::new(engine, rules_cfg.limits.clone(), rules_cfg.builtin_telemetry);
+    let mut loader = RuleLoader::new(
+        engine,
+        rules_cfg.limits.clone(),
+        rules_cfg.builtin_telemetry,
+    );
     let (initial, errors) = loader.load(Some(&rules_cfg.dir));
     for e in &errors {
         warn!(path = %e.path.display(), reason = %e.reason, "rule not loaded");
@@ -72,8 +80,15 @@ async fn run(config: &Config, database_url: &str) -> anyhow::Result<()> {
     );
 
     let broker_cfg = config.broker.clone();
-    let (broker, inbound) = tokio::task::spawn_blocking(move || Broker::start(&broker_cfg)).await??;
-    let pipeline = pipeline::spawn(inbound, processor, sink, broker.publisher(), rules_cfg.batch_size)?;
+    let (broker, inbound) =
+        tokio::task::spawn_blocking(move || Broker::start(&broker_cfg)).await??;
+    let pipeline = pipeline::spawn(
+        inbound,
+        processor,
+        sink,
+        broker.publisher(),
+        rules_cfg.batch_size,
+    )?;
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await

@@ -24,7 +24,12 @@ async fn telemetry_points_are_stored_exactly_once() {
     let client = sluice.mqtt("publisher-1").await;
 
     // The README's example, to the millisecond.
-    publish(&client, "devices/dev-1/telemetry", r#"{"temperature": 21.5, "humidity": 40, "ts": 1767225600000}"#).await;
+    publish(
+        &client,
+        "devices/dev-1/telemetry",
+        r#"{"temperature": 21.5, "humidity": 40, "ts": 1767225600000}"#,
+    )
+    .await;
     let points = sluice
         .eventually("the two example points", WAIT, || async {
             let p = sluice.all_points("dev-1").await;
@@ -37,7 +42,13 @@ async fn telemetry_points_are_stored_exactly_once() {
     assert_eq!(by_metric["humidity"].value, 40.0);
     for p in &points {
         assert_eq!(p.device_id, "dev-1");
-        assert_eq!(p.time, Some(prost_types::Timestamp { seconds: 1_767_225_600, nanos: 0 }));
+        assert_eq!(
+            p.time,
+            Some(prost_types::Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 0
+            })
+        );
     }
 
     // Many devices, many messages: each value exactly once, with its time.
@@ -49,7 +60,12 @@ async fn telemetry_points_are_stored_exactly_once() {
                 "gps": {"lat": 50.0 + d as f64, "fix": seq % 2 == 0},
                 "ts": 1_767_225_600_000i64 + seq * 1000,
             });
-            publish(&client, &format!("devices/fleet-{d}/telemetry"), body.to_string()).await;
+            publish(
+                &client,
+                &format!("devices/fleet-{d}/telemetry"),
+                body.to_string(),
+            )
+            .await;
         }
     }
     for d in 0..devices {
@@ -61,7 +77,11 @@ async fn telemetry_points_are_stored_exactly_once() {
             })
             .await;
         assert_eq!(points.len(), 3 * per_device as usize, "no duplicates");
-        let seqs: BTreeSet<i64> = points.iter().filter(|p| p.metric == "seq").map(|p| p.value as i64).collect();
+        let seqs: BTreeSet<i64> = points
+            .iter()
+            .filter(|p| p.metric == "seq")
+            .map(|p| p.value as i64)
+            .collect();
         assert_eq!(seqs, (0..per_device).collect::<BTreeSet<_>>());
         for p in &points {
             let seq = match p.metric.as_str() {
@@ -86,7 +106,12 @@ async fn telemetry_points_are_stored_exactly_once() {
     let mut page_token = String::new();
     loop {
         let r = telemetry
-            .query_points(QueryPointsRequest { device_id: "fleet-0".into(), limit: 7, page_token, ..Default::default() })
+            .query_points(QueryPointsRequest {
+                device_id: "fleet-0".into(),
+                limit: 7,
+                page_token,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -98,7 +123,11 @@ async fn telemetry_points_are_stored_exactly_once() {
         page_token = r.next_page_token;
     }
     assert_eq!(paged, sluice.all_points("fleet-0").await);
-    assert!(paged.windows(2).all(|w| w[0].time.as_ref().unwrap().seconds <= w[1].time.as_ref().unwrap().seconds));
+    assert!(
+        paged
+            .windows(2)
+            .all(|w| w[0].time.as_ref().unwrap().seconds <= w[1].time.as_ref().unwrap().seconds)
+    );
 
     // A metric filter and a time range narrow the result.
     let r = telemetry
@@ -116,7 +145,10 @@ async fn telemetry_points_are_stored_exactly_once() {
     assert_eq!(seqs, (10..20).collect::<Vec<_>>());
 
     let metrics = sluice.metrics().await;
-    assert!(metrics.contains("sluice_messages_received_total"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_messages_received_total"),
+        "{metrics}"
+    );
     assert!(metrics.contains("sluice_points_written_total"), "{metrics}");
     let log = sluice.stop();
     assert!(log.contains("every batch flushed"), "{log}");
@@ -138,11 +170,19 @@ async fn bad_payloads_go_to_dead_letters_and_unmatched_messages_to_events() {
         })
         .await;
     assert_eq!(letters.len(), 2);
-    assert!(letters[0].reason.contains("not valid JSON"), "{:?}", letters[0]);
+    assert!(
+        letters[0].reason.contains("not valid JSON"),
+        "{:?}",
+        letters[0]
+    );
     assert_eq!(letters[0].payload, b"this is not json");
     assert_eq!(letters[0].device_id.as_deref(), Some("dev-9"));
     assert_eq!(letters[0].rule.as_deref(), Some("telemetry"));
-    assert!(letters[1].reason.contains("not an object"), "{:?}", letters[1]);
+    assert!(
+        letters[1].reason.contains("not an object"),
+        "{:?}",
+        letters[1]
+    );
 
     let events = sluice
         .eventually("the unmatched message as an event", WAIT, || async {
@@ -157,14 +197,20 @@ async fn bad_payloads_go_to_dead_letters_and_unmatched_messages_to_events() {
 
     // The good message after the bad ones was stored.
     sluice
-        .eventually("the good point", WAIT, || async { (sluice.all_points("dev-9").await.len() == 1).then_some(()) })
+        .eventually("the good point", WAIT, || async {
+            (sluice.all_points("dev-9").await.len() == 1).then_some(())
+        })
         .await;
     sluice.stop();
 }
 
 fn build_c_example(out: &Path) -> bool {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/examples/overheat/build.sh");
-    match std::process::Command::new("bash").arg(&script).arg(out).status() {
+    match std::process::Command::new("bash")
+        .arg(&script)
+        .arg(out)
+        .status()
+    {
         Ok(s) if s.success() => true,
         Ok(s) => panic!("building the C example failed ({s})"),
         Err(e) => panic!("cannot run {}: {e}", script.display()),
@@ -172,7 +218,10 @@ fn build_c_example(out: &Path) -> bool {
 }
 
 fn clang_available() -> bool {
-    std::process::Command::new("clang").arg("--version").output().is_ok_and(|o| o.status.success())
+    std::process::Command::new("clang")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,13 +239,22 @@ async fn c_example_rule_dropped_in_raises_overheat_events() {
     let staging = sluice.rules_dir.join("overheat.wasm.build");
     assert!(build_c_example(&staging));
     std::fs::rename(&staging, sluice.rules_dir.join("overheat.wasm")).unwrap();
-    std::fs::copy(example.join("overheat.toml"), sluice.rules_dir.join("overheat.toml")).unwrap();
+    std::fs::copy(
+        example.join("overheat.toml"),
+        sluice.rules_dir.join("overheat.toml"),
+    )
+    .unwrap();
 
     // Until the reload lands, hot messages are not seen by the rule; keep
     // publishing until one is.
     let events = sluice
         .eventually("an overheat event", WAIT, || async {
-            publish(&client, "devices/boiler-7/telemetry", r#"{"temperature": 35.25}"#).await;
+            publish(
+                &client,
+                "devices/boiler-7/telemetry",
+                r#"{"temperature": 35.25}"#,
+            )
+            .await;
             let e = sluice.all_events("devices/+/telemetry").await;
             (!e.is_empty()).then_some(e)
         })
@@ -210,9 +268,16 @@ async fn c_example_rule_dropped_in_raises_overheat_events() {
     assert_eq!(events[0].device_id, "boiler-7");
 
     // A cool reading raises nothing, and the built-in decoder still stores points.
-    publish(&client, "devices/boiler-8/telemetry", r#"{"temperature": 20}"#).await;
+    publish(
+        &client,
+        "devices/boiler-8/telemetry",
+        r#"{"temperature": 20}"#,
+    )
+    .await;
     sluice
-        .eventually("the cool point", WAIT, || async { (!sluice.all_points("boiler-8").await.is_empty()).then_some(()) })
+        .eventually("the cool point", WAIT, || async {
+            (!sluice.all_points("boiler-8").await.is_empty()).then_some(())
+        })
         .await;
     assert!(sluice.all_events("devices/boiler-8/#").await.is_empty());
     sluice.stop();
@@ -222,12 +287,20 @@ async fn c_example_rule_dropped_in_raises_overheat_events() {
 async fn hostile_guests_fail_their_messages_not_the_process() {
     let sluice = Sluice::start(|dir| {
         write_wat(&dir.join("chaos.wasm"), &guests::chaos());
-        std::fs::write(dir.join("chaos.toml"), "topic = \"chaos/#\"\n[limits]\nmemory_mb = 8\n").unwrap();
+        std::fs::write(
+            dir.join("chaos.toml"),
+            "topic = \"chaos/#\"\n[limits]\nmemory_mb = 8\n",
+        )
+        .unwrap();
     })
     .await;
     let client = sluice.mqtt("publisher-4").await;
 
-    let cases = [("loop", "time limit exceeded"), ("oom", "memory limit exceeded"), ("trap", "trap")];
+    let cases = [
+        ("loop", "time limit exceeded"),
+        ("oom", "memory limit exceeded"),
+        ("trap", "trap"),
+    ];
     for (i, (payload, reason)) in cases.iter().enumerate() {
         publish(&client, "chaos/x", *payload).await;
         let letters = sluice
@@ -239,7 +312,11 @@ async fn hostile_guests_fail_their_messages_not_the_process() {
         let letter = &letters[i];
         assert_eq!(letter.payload, payload.as_bytes());
         assert_eq!(letter.rule.as_deref(), Some("chaos"));
-        assert!(letter.reason.contains(reason), "{payload}: {}", letter.reason);
+        assert!(
+            letter.reason.contains(reason),
+            "{payload}: {}",
+            letter.reason
+        );
 
         // The next good message on the same rule is processed.
         publish(&client, "chaos/x", format!("good-{i}")).await;
@@ -256,11 +333,15 @@ async fn hostile_guests_fail_their_messages_not_the_process() {
         publish(&client, "chaos/y", p).await;
     }
     sluice
-        .eventually("three more events and one more dead letter", WAIT, || async {
-            let events = sluice.all_events("chaos/y").await.len();
-            let letters = sluice.dead_letters().await.len();
-            (events == 3 && letters == 4).then_some(())
-        })
+        .eventually(
+            "three more events and one more dead letter",
+            WAIT,
+            || async {
+                let events = sluice.all_events("chaos/y").await.len();
+                let letters = sluice.dead_letters().await.len();
+                (events == 3 && letters == 4).then_some(())
+            },
+        )
         .await;
     sluice.stop();
 }
@@ -268,7 +349,10 @@ async fn hostile_guests_fail_their_messages_not_the_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_swaps_a_module_without_losing_a_message() {
     let sluice = Sluice::start(|dir| {
-        write_wat(&dir.join("versioned.wasm"), &guests::constant_event(r#"{"v":1}"#));
+        write_wat(
+            &dir.join("versioned.wasm"),
+            &guests::constant_event(r#"{"v":1}"#),
+        );
         std::fs::write(dir.join("versioned.toml"), "topic = \"reload/#\"\n").unwrap();
     })
     .await;
@@ -289,14 +373,28 @@ async fn hot_reload_swaps_a_module_without_losing_a_message() {
             (e.len() >= total).then_some(e)
         })
         .await;
-    assert_eq!(events.len(), total, "every message handled by exactly one version");
+    assert_eq!(
+        events.len(),
+        total,
+        "every message handled by exactly one version"
+    );
     let versions: Vec<i64> = events
         .iter()
-        .map(|e| serde_json::from_slice::<serde_json::Value>(&e.payload).unwrap()["v"].as_i64().unwrap())
+        .map(|e| {
+            serde_json::from_slice::<serde_json::Value>(&e.payload).unwrap()["v"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
     let v1 = versions.iter().filter(|v| **v == 1).count();
-    assert!(v1 > 0 && v1 < total, "both versions ran: {v1} of {total} by v1");
-    assert!(versions.windows(2).all(|w| w[0] <= w[1]), "once swapped, never back: {versions:?}");
+    assert!(
+        v1 > 0 && v1 < total,
+        "both versions ran: {v1} of {total} by v1"
+    );
+    assert!(
+        versions.windows(2).all(|w| w[0] <= w[1]),
+        "once swapped, never back: {versions:?}"
+    );
     assert!(sluice.dead_letters().await.is_empty());
     sluice.stop();
 }
@@ -316,36 +414,59 @@ async fn bad_grpc_requests_get_invalid_argument() {
     assert!(m.contains("device_id"), "{m}");
 
     let (c, m) = code(
-        t.query_points(QueryPointsRequest { device_id: "d".into(), start: Some(ts(20)), end: Some(ts(10)), ..Default::default() })
-            .await,
+        t.query_points(QueryPointsRequest {
+            device_id: "d".into(),
+            start: Some(ts(20)),
+            end: Some(ts(10)),
+            ..Default::default()
+        })
+        .await,
     );
     assert_eq!(c, tonic::Code::InvalidArgument);
     assert!(m.contains("end"), "{m}");
 
     let (c, m) = code(
-        t.query_points(QueryPointsRequest { device_id: "d".into(), page_token: "bogus".into(), ..Default::default() })
-            .await,
+        t.query_points(QueryPointsRequest {
+            device_id: "d".into(),
+            page_token: "bogus".into(),
+            ..Default::default()
+        })
+        .await,
     );
     assert_eq!(c, tonic::Code::InvalidArgument);
     assert!(m.contains("page_token"), "{m}");
 
     let (c, m) = code(
-        t.query_points(QueryPointsRequest { device_id: "d".into(), limit: 1_000_000, ..Default::default() })
-            .await,
+        t.query_points(QueryPointsRequest {
+            device_id: "d".into(),
+            limit: 1_000_000,
+            ..Default::default()
+        })
+        .await,
     );
     assert_eq!(c, tonic::Code::InvalidArgument);
     assert!(m.contains("limit"), "{m}");
 
     let (c, m) = code(
-        t.query_events(QueryEventsRequest { topic_filter: "a/#/b".into(), ..Default::default() })
-            .await,
+        t.query_events(QueryEventsRequest {
+            topic_filter: "a/#/b".into(),
+            ..Default::default()
+        })
+        .await,
     );
     assert_eq!(c, tonic::Code::InvalidArgument);
     assert!(m.contains("topic_filter"), "{m}");
 
     // Valid requests over empty data still answer.
     let r = t
-        .query_events(QueryEventsRequest { start: Some(ts(0)), end: Some(ts(Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap().timestamp())), ..Default::default() })
+        .query_events(QueryEventsRequest {
+            start: Some(ts(0)),
+            end: Some(ts(Utc
+                .with_ymd_and_hms(2100, 1, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp())),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

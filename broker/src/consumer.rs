@@ -64,18 +64,30 @@ pub(crate) fn spawn(
     tx: mpsc::Sender<InboundMessage>,
     hops: Arc<HopLedger>,
 ) -> Result<ConsumerHandle, BrokerError> {
-    link_tx.subscribe("#").map_err(|e| BrokerError::Link(e.to_string()))?;
+    link_tx
+        .subscribe("#")
+        .map_err(|e| BrokerError::Link(e.to_string()))?;
     let stopping = Arc::new(AtomicBool::new(false));
     let flag = stopping.clone();
-    let thread = std::thread::Builder::new().name("mqtt-consumer".into()).spawn(move || {
-        // The link must outlive the loop: dropping its sender half disconnects it.
-        let _link_tx = link_tx;
-        run(link_rx, tx, hops, flag);
-    })?;
-    Ok(ConsumerHandle { stopping, thread: Some(thread) })
+    let thread = std::thread::Builder::new()
+        .name("mqtt-consumer".into())
+        .spawn(move || {
+            // The link must outlive the loop: dropping its sender half disconnects it.
+            let _link_tx = link_tx;
+            run(link_rx, tx, hops, flag);
+        })?;
+    Ok(ConsumerHandle {
+        stopping,
+        thread: Some(thread),
+    })
 }
 
-fn run(mut link_rx: LinkRx, tx: mpsc::Sender<InboundMessage>, hops: Arc<HopLedger>, stopping: Arc<AtomicBool>) {
+fn run(
+    mut link_rx: LinkRx,
+    tx: mpsc::Sender<InboundMessage>,
+    hops: Arc<HopLedger>,
+    stopping: Arc<AtomicBool>,
+) {
     let mut next_offset: Option<u64> = None;
     let mut last_activity = Instant::now();
     loop {
@@ -105,7 +117,12 @@ fn run(mut link_rx: LinkRx, tx: mpsc::Sender<InboundMessage>, hops: Arc<HopLedge
                     Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
                 };
                 let hop_count = hops.take(&topic, &publish.payload);
-                let msg = InboundMessage { topic, payload: publish.payload, received_at: Utc::now(), hops: hop_count };
+                let msg = InboundMessage {
+                    topic,
+                    payload: publish.payload,
+                    received_at: Utc::now(),
+                    hops: hop_count,
+                };
                 counter!("sluice_messages_received_total").increment(1);
                 trace!(topic = %msg.topic, bytes = msg.payload.len(), "message received");
                 if tx.blocking_send(msg).is_err() {

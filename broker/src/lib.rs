@@ -31,7 +31,10 @@ use tracing::{error, info};
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen for MQTT on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the broker's router refused a local link: {0}")]
     Link(String),
     #[error("cannot start the broker runtime: {0}")]
@@ -49,11 +52,16 @@ pub struct Broker {
 impl Broker {
     /// Starts the router, the consumer and the MQTT listener. Returns the
     /// broker and the channel every accepted message arrives on.
-    pub fn start(config: &BrokerConfig) -> Result<(Self, mpsc::Receiver<InboundMessage>), BrokerError> {
+    pub fn start(
+        config: &BrokerConfig,
+    ) -> Result<(Self, mpsc::Receiver<InboundMessage>), BrokerError> {
         // rumqttd's listener logs a bind failure and carries on; check first
         // so a taken port is an error the operator sees.
         let listen = config.mqtt_listen;
-        TcpListener::bind(listen).map_err(|source| BrokerError::Bind { addr: listen, source })?;
+        TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
+            addr: listen,
+            source,
+        })?;
 
         let router_tx = Router::new(0, router_config(config)).spawn();
         let hops = Arc::new(publisher::HopLedger::default());
@@ -69,7 +77,8 @@ impl Broker {
         // forbids `$` in ids; a random suffix keeps a device from taking over
         // (and so disconnecting) Sluice's own links.
         let nonce = local_link_nonce();
-        let consumer = consumer::spawn(link(&format!("sluice-pipeline-{nonce}"))?, tx, hops.clone())?;
+        let consumer =
+            consumer::spawn(link(&format!("sluice-pipeline-{nonce}"))?, tx, hops.clone())?;
 
         let connections = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.connection_threads.max(1))
@@ -85,7 +94,15 @@ impl Broker {
             }
         });
         info!(%listen, "MQTT 3.1.1 listener started");
-        Ok((Self { connections: Some(connections), consumer, publisher, listen }, rx))
+        Ok((
+            Self {
+                connections: Some(connections),
+                consumer,
+                publisher,
+                listen,
+            },
+            rx,
+        ))
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -115,7 +132,11 @@ impl Broker {
 fn local_link_nonce() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::UNIX_EPOCH
+            .elapsed()
+            .map_or(0, |d| d.as_nanos()),
+    );
     format!("{:016x}", h.finish())
 }
 

@@ -28,26 +28,45 @@ impl Publisher {
         (link_tx, link_rx): (LinkTx, LinkRx),
         hops: Arc<HopLedger>,
     ) -> Result<Self, BrokerError> {
-        std::thread::Builder::new().name("mqtt-publisher-rx".into()).spawn(move || keep_scheduled(link_rx))?;
-        Ok(Self { link: Arc::new(Mutex::new(link_tx)), hops })
+        std::thread::Builder::new()
+            .name("mqtt-publisher-rx".into())
+            .spawn(move || keep_scheduled(link_rx))?;
+        Ok(Self {
+            link: Arc::new(Mutex::new(link_tx)),
+            hops,
+        })
     }
 
     /// Publishes at QoS 0 (rumqttd's local links cannot publish at QoS 1/2);
     /// subscribers receive it at their subscription's QoS.
     ///
     /// Must be called from a plain thread, not from inside a tokio runtime.
-    pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool, hops: u8) -> Result<(), String> {
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        hops: u8,
+    ) -> Result<(), String> {
         let payload = Bytes::from(payload);
         // `$` topics never reach the `#` consumer, so there is nothing to carry.
         if !topic.starts_with('$') {
             self.hops.put(topic, &payload, hops);
         }
-        let packet = Packet::Publish(Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain), None);
-        let mut link = self.link.lock().map_err(|_| "publisher lock poisoned".to_string())?;
+        let packet = Packet::Publish(
+            Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain),
+            None,
+        );
+        let mut link = self
+            .link
+            .lock()
+            .map_err(|_| "publisher lock poisoned".to_string())?;
         // `LinkTx::send` is async in name only (it pushes to a buffer and
         // does a blocking channel send), so a minimal executor suffices and
         // works during shutdown, when no runtime may be left.
-        futures_executor::block_on(link.send(packet)).map(|_| ()).map_err(|e| e.to_string())
+        futures_executor::block_on(link.send(packet))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -96,7 +115,10 @@ impl HopLedger {
         if self.pending.len() >= Self::MAX_ENTRIES {
             self.pending.clear();
         }
-        self.pending.entry(Self::key(topic, payload)).or_default().push_back(hops);
+        self.pending
+            .entry(Self::key(topic, payload))
+            .or_default()
+            .push_back(hops);
     }
 
     /// The hop count of a message coming round, 0 for one from a client.

@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredPoint {
     pub metric: String,
     pub time: DateTime<Utc>,
@@ -26,9 +26,12 @@ pub struct PointsQuery<'a> {
     pub limit: u32,
 }
 
-pub async fn query_points(pool: &PgPool, q: &PointsQuery<'_>) -> Result<Vec<StoredPoint>, sqlx::Error> {
+pub async fn query_points(
+    pool: &PgPool,
+    q: &PointsQuery<'_>,
+) -> Result<Vec<StoredPoint>, sqlx::Error> {
     let (after_time, after_series) = q.after.unzip();
-    let rows: Vec<(String, DateTime<Utc>, f64, i32)> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT s.metric, p.time, p.value, p.series_id \
          FROM points p JOIN series s ON s.id = p.series_id \
          WHERE s.device_id = $1 \
@@ -46,14 +49,10 @@ pub async fn query_points(pool: &PgPool, q: &PointsQuery<'_>) -> Result<Vec<Stor
     .bind(after_series)
     .bind(i64::from(q.limit))
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(metric, time, value, series_id)| StoredPoint { metric, time, value, series_id })
-        .collect())
+    .await
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredEvent {
     /// With `time`, the page key.
     pub id: i64,
@@ -74,38 +73,29 @@ pub struct EventsQuery<'a> {
     pub limit: u32,
 }
 
-pub async fn query_events(pool: &PgPool, q: &EventsQuery<'_>) -> Result<Vec<StoredEvent>, sqlx::Error> {
+pub async fn query_events(
+    pool: &PgPool,
+    q: &EventsQuery<'_>,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
     let (after_time, after_id) = q.after.unzip();
-    let rows: Vec<(i64, Option<String>, String, DateTime<Utc>, Option<String>, Vec<u8>)> =
-        sqlx::query_as(
-            "SELECT id, device_id, topic, time, rule, payload FROM events \
+    sqlx::query_as(
+        "SELECT id, device_id, topic, time, rule, payload FROM events \
              WHERE ($1::text IS NULL OR device_id = $1) \
                AND ($2::text IS NULL OR topic ~ $2) \
                AND time >= $3 AND time < $4 \
                AND ($5::timestamptz IS NULL OR (time, id) > ($5, $6::bigint)) \
              ORDER BY time, id \
              LIMIT $7",
-        )
-        .bind(q.device_id)
-        .bind(q.topic_regex)
-        .bind(q.start)
-        .bind(q.end)
-        .bind(after_time)
-        .bind(after_id)
-        .bind(i64::from(q.limit))
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, device_id, topic, time, rule, payload)| StoredEvent {
-            id,
-            device_id,
-            topic,
-            time,
-            rule,
-            payload,
-        })
-        .collect())
+    )
+    .bind(q.device_id)
+    .bind(q.topic_regex)
+    .bind(q.start)
+    .bind(q.end)
+    .bind(after_time)
+    .bind(after_id)
+    .bind(i64::from(q.limit))
+    .fetch_all(pool)
+    .await
 }
 
 /// Translates a valid MQTT topic filter into an anchored POSIX regular

@@ -38,7 +38,10 @@ pub enum DecodeError {
     TooDeep,
 }
 
-pub fn decode_telemetry(payload: &[u8], received_at: DateTime<Utc>) -> Result<Telemetry, DecodeError> {
+pub fn decode_telemetry(
+    payload: &[u8],
+    received_at: DateTime<Utc>,
+) -> Result<Telemetry, DecodeError> {
     let value: Value =
         serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let Value::Object(object) = value else {
@@ -59,10 +62,14 @@ pub fn decode_telemetry(payload: &[u8], received_at: DateTime<Utc>) -> Result<Te
 fn parse_timestamp(ts: &Value) -> Option<DateTime<Utc>> {
     match ts {
         Value::Number(n) => {
-            let millis = n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))?;
+            let millis = n
+                .as_i64()
+                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))?;
             Utc.timestamp_millis_opt(millis).single()
         }
-        Value::String(s) => DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)),
+        Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
         _ => None,
     }
 }
@@ -114,9 +121,16 @@ mod tests {
 
     #[test]
     fn numbers_become_points_at_ts() {
-        let t = decode_telemetry(br#"{"temperature": 21.5, "humidity": 40, "ts": 1767225600000}"#, now()).unwrap();
+        let t = decode_telemetry(
+            br#"{"temperature": 21.5, "humidity": 40, "ts": 1767225600000}"#,
+            now(),
+        )
+        .unwrap();
         assert_eq!(t.time, Utc.timestamp_millis_opt(1_767_225_600_000).unwrap());
-        assert_eq!(t.values, vec![("humidity".into(), 40.0), ("temperature".into(), 21.5)]);
+        assert_eq!(
+            t.values,
+            vec![("humidity".into(), 40.0), ("temperature".into(), 21.5)]
+        );
     }
 
     #[test]
@@ -127,7 +141,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.time, Utc.timestamp_millis_opt(1_767_222_000_000).unwrap());
-        assert_eq!(t.values, vec![("gps.fix".into(), 1.0), ("gps.lat".into(), 1.5)]);
+        assert_eq!(
+            t.values,
+            vec![("gps.fix".into(), 1.0), ("gps.lat".into(), 1.5)]
+        );
     }
 
     #[test]
@@ -137,11 +154,26 @@ mod tests {
 
     #[test]
     fn bad_input_says_why() {
-        assert!(matches!(decode_telemetry(b"{nope", now()), Err(DecodeError::NotJson(_))));
-        assert_eq!(decode_telemetry(b"[1,2]", now()), Err(DecodeError::NotAnObject));
-        assert_eq!(decode_telemetry(br#"{"a":1,"ts":"yesterday"}"#, now()), Err(DecodeError::BadTimestamp));
-        assert_eq!(decode_telemetry(br#"{"s":"x"}"#, now()), Err(DecodeError::NoValues));
+        assert!(matches!(
+            decode_telemetry(b"{nope", now()),
+            Err(DecodeError::NotJson(_))
+        ));
+        assert_eq!(
+            decode_telemetry(b"[1,2]", now()),
+            Err(DecodeError::NotAnObject)
+        );
+        assert_eq!(
+            decode_telemetry(br#"{"a":1,"ts":"yesterday"}"#, now()),
+            Err(DecodeError::BadTimestamp)
+        );
+        assert_eq!(
+            decode_telemetry(br#"{"s":"x"}"#, now()),
+            Err(DecodeError::NoValues)
+        );
         let deep = "{\"a\":".repeat(20) + "1" + &"}".repeat(20);
-        assert_eq!(decode_telemetry(deep.as_bytes(), now()), Err(DecodeError::TooDeep));
+        assert_eq!(
+            decode_telemetry(deep.as_bytes(), now()),
+            Err(DecodeError::TooDeep)
+        );
     }
 }

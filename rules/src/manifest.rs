@@ -71,7 +71,9 @@ impl Limits {
         Self {
             timeout_ms: o.timeout_ms.unwrap_or(self.timeout_ms),
             memory_mb: o.memory_mb.unwrap_or(self.memory_mb),
-            max_outputs_per_message: o.max_outputs_per_message.unwrap_or(self.max_outputs_per_message),
+            max_outputs_per_message: o
+                .max_outputs_per_message
+                .unwrap_or(self.max_outputs_per_message),
         }
     }
 }

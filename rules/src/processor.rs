@@ -32,7 +32,11 @@ pub struct ProcessorConfig {
 
 impl Default for ProcessorConfig {
     fn default() -> Self {
-        Self { batch_size: 256, store_unmatched: true, max_hops: 8 }
+        Self {
+            batch_size: 256,
+            store_unmatched: true,
+            max_hops: 8,
+        }
     }
 }
 
@@ -58,7 +62,11 @@ struct Tally {
 
 impl Tally {
     fn record(&self, rule: &str) {
-        for (outcome, n) in [("stored", self.stored), ("dropped", self.dropped), ("dead_letter", self.dead_letter)] {
+        for (outcome, n) in [
+            ("stored", self.stored),
+            ("dropped", self.dropped),
+            ("dead_letter", self.dead_letter),
+        ] {
             if n > 0 {
                 counter!("sluice_rule_messages_total", "rule" => rule.to_owned(), "outcome" => outcome).increment(n);
             }
@@ -68,7 +76,11 @@ impl Tally {
 
 impl Processor {
     pub fn new(rules: Arc<ArcSwap<RuleSet>>, config: ProcessorConfig) -> Self {
-        Self { rules, config, instances: HashMap::new() }
+        Self {
+            rules,
+            config,
+            instances: HashMap::new(),
+        }
     }
 
     /// Processes a batch, appending outputs to `out`.
@@ -99,8 +111,10 @@ impl Processor {
                 }
             }
         }
-        counter!("sluice_messages_unmatched_total", "action" => "stored").increment(unmatched_stored);
-        counter!("sluice_messages_unmatched_total", "action" => "dropped").increment(unmatched_dropped);
+        counter!("sluice_messages_unmatched_total", "action" => "stored")
+            .increment(unmatched_stored);
+        counter!("sluice_messages_unmatched_total", "action" => "dropped")
+            .increment(unmatched_dropped);
 
         for (rule, msgs) in set.rules.iter().zip(matched) {
             if msgs.is_empty() {
@@ -118,11 +132,18 @@ impl Processor {
         }
         // Instances of rules that are gone are freed with the rule.
         if self.instances.len() > set.rules.len() {
-            self.instances.retain(|name, _| set.rules.iter().any(|r| &r.name == name));
+            self.instances
+                .retain(|name, _| set.rules.iter().any(|r| &r.name == name));
         }
     }
 
-    fn run_wasm(&mut self, rule: &Rule, version: &Arc<WasmRuleVersion>, msgs: &[&Message], out: &mut Vec<Output>) {
+    fn run_wasm(
+        &mut self,
+        rule: &Rule,
+        version: &Arc<WasmRuleVersion>,
+        msgs: &[&Message],
+        out: &mut Vec<Output>,
+    ) {
         let name = &rule.name;
         let started = Instant::now();
         counter!("sluice_rule_invocations_total", "rule" => name.to_string()).increment(1);
@@ -159,13 +180,24 @@ impl Processor {
         tally.record(name);
     }
 
-    fn call(&mut self, name: &Arc<str>, version: &Arc<WasmRuleVersion>, msgs: &[&Message]) -> Result<Vec<MessageSlot>, GuestError> {
+    fn call(
+        &mut self,
+        name: &Arc<str>,
+        version: &Arc<WasmRuleVersion>,
+        msgs: &[&Message],
+    ) -> Result<Vec<MessageSlot>, GuestError> {
         let live = self
             .instances
             .entry(name.clone())
-            .or_insert_with(|| LiveInstance { version: version.clone(), instance: None });
+            .or_insert_with(|| LiveInstance {
+                version: version.clone(),
+                instance: None,
+            });
         if !Arc::ptr_eq(&live.version, version) {
-            *live = LiveInstance { version: version.clone(), instance: None };
+            *live = LiveInstance {
+                version: version.clone(),
+                instance: None,
+            };
         }
         let instance = match &mut live.instance {
             Some(i) => i,
@@ -184,11 +216,22 @@ impl Processor {
         result
     }
 
-    fn convert(&self, rule: &Arc<str>, m: &Message, slot: MessageSlot, out: &mut Vec<Output>, tally: &mut Tally) {
+    fn convert(
+        &self,
+        rule: &Arc<str>,
+        m: &Message,
+        slot: MessageSlot,
+        out: &mut Vec<Output>,
+        tally: &mut Tally,
+    ) {
         match slot.verdict {
             Verdict::Failed(reason) => {
                 tally.dead_letter += 1;
-                out.push(Output::dead_letter(m, Some(rule), format!("rule failed the message: {reason}")));
+                out.push(Output::dead_letter(
+                    m,
+                    Some(rule),
+                    format!("rule failed the message: {reason}"),
+                ));
                 return;
             }
             Verdict::Dropped => {
@@ -204,7 +247,11 @@ impl Processor {
         let mut refused_publish = None;
         for o in slot.outputs {
             match o {
-                GuestOutput::Point { metric, value, time_ms } => out.push(Output::Point {
+                GuestOutput::Point {
+                    metric,
+                    value,
+                    time_ms,
+                } => out.push(Output::Point {
                     // The host refused points for messages without a device.
                     device_id: m.device_id.clone().expect("checked by emit_point"),
                     metric,
@@ -218,12 +265,23 @@ impl Processor {
                     rule: Some(rule.clone()),
                     payload: document,
                 }),
-                GuestOutput::Publish { topic, payload, qos, retain } => {
+                GuestOutput::Publish {
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                } => {
                     if m.hops >= self.config.max_hops {
                         refused_publish = Some(topic);
                         continue;
                     }
-                    out.push(Output::Publish { topic, payload, qos, retain, hops: m.hops + 1 });
+                    out.push(Output::Publish {
+                        topic,
+                        payload,
+                        qos,
+                        retain,
+                        hops: m.hops + 1,
+                    });
                 }
             }
         }
@@ -245,7 +303,9 @@ impl Processor {
 }
 
 fn time_or(time_ms: Option<i64>, fallback: DateTime<Utc>) -> DateTime<Utc> {
-    time_ms.and_then(|t| Utc.timestamp_millis_opt(t).single()).unwrap_or(fallback)
+    time_ms
+        .and_then(|t| Utc.timestamp_millis_opt(t).single())
+        .unwrap_or(fallback)
 }
 
 fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>) {
@@ -253,7 +313,11 @@ fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>) {
     for m in msgs {
         let Some(device_id) = &m.device_id else {
             tally.dead_letter += 1;
-            out.push(Output::dead_letter(m, Some(&rule.name), "the topic names no device (expected devices/{device_id}/…)".into()));
+            out.push(Output::dead_letter(
+                m,
+                Some(&rule.name),
+                "the topic names no device (expected devices/{device_id}/…)".into(),
+            ));
             continue;
         };
         match decode_telemetry(&m.payload, m.received_at) {

@@ -66,7 +66,12 @@ pub struct LoadError {
 
 impl RuleLoader {
     pub fn new(engine: Arc<RuleEngine>, defaults: Limits, builtin_telemetry: bool) -> Self {
-        Self { engine, defaults, builtin_telemetry, compiled: HashMap::new() }
+        Self {
+            engine,
+            defaults,
+            builtin_telemetry,
+            compiled: HashMap::new(),
+        }
     }
 
     /// Loads every `*.toml` manifest of `dir`. A rule that fails to load keeps
@@ -85,18 +90,28 @@ impl RuleLoader {
         let mut manifests = match dir.map(list_manifests).transpose() {
             Ok(m) => m.unwrap_or_default(),
             Err(e) => {
-                errors.push(LoadError { path: dir.unwrap_or(Path::new("")).into(), reason: e.to_string() });
+                errors.push(LoadError {
+                    path: dir.unwrap_or(Path::new("")).into(),
+                    reason: e.to_string(),
+                });
                 Vec::new()
             }
         };
         manifests.sort();
         let mut kept = HashMap::new();
         for path in manifests {
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
             match self.load_rule(&path, &stem) {
                 Ok(rule) => {
                     if rules.iter().any(|r| r.name == rule.name) {
-                        errors.push(LoadError { path, reason: format!("a rule named `{}` already exists", rule.name) });
+                        errors.push(LoadError {
+                            path,
+                            reason: format!("a rule named `{}` already exists", rule.name),
+                        });
                         continue;
                     }
                     if let RuleAction::Wasm(v) = &rule.action {
@@ -106,11 +121,20 @@ impl RuleLoader {
                 }
                 Err(reason) => {
                     warn!(path = %path.display(), %reason, "rule not loaded");
-                    errors.push(LoadError { path: path.clone(), reason });
+                    errors.push(LoadError {
+                        path: path.clone(),
+                        reason,
+                    });
                     // Keep the last good version under the same name, if there is one.
-                    if let (Some(old), Ok(filter)) = (self.compiled.get(&stem), self.previous_filter(&path)) {
+                    if let (Some(old), Ok(filter)) =
+                        (self.compiled.get(&stem), self.previous_filter(&path))
+                    {
                         kept.insert(stem.clone(), old.clone());
-                        rules.push(Rule { name: stem.as_str().into(), filter, action: RuleAction::Wasm(old.clone()) });
+                        rules.push(Rule {
+                            name: stem.as_str().into(),
+                            filter,
+                            action: RuleAction::Wasm(old.clone()),
+                        });
                     }
                 }
             }
@@ -126,20 +150,30 @@ impl RuleLoader {
     }
 
     fn load_rule(&mut self, path: &Path, stem: &str) -> Result<Rule, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read manifest: {e}"))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read manifest: {e}"))?;
         let manifest = Manifest::parse(&text).map_err(|e| format!("invalid manifest: {e}"))?;
         let name: Arc<str> = manifest.name.as_deref().unwrap_or(stem).into();
-        let filter = TopicFilter::new(&manifest.topic).map_err(|e| format!("invalid topic filter: {e}"))?;
+        let filter =
+            TopicFilter::new(&manifest.topic).map_err(|e| format!("invalid topic filter: {e}"))?;
         if !manifest.enabled {
             return Err("disabled in its manifest".into());
         }
         let action = match (&manifest.decoder, &manifest.module) {
             (Some(_), Some(_)) => return Err("set either `module` or `decoder`, not both".into()),
             (Some(d), None) if d == JSON_TELEMETRY_DECODER => RuleAction::JsonTelemetry,
-            (Some(d), None) => return Err(format!("unknown decoder `{d}` (known: {JSON_TELEMETRY_DECODER})")),
+            (Some(d), None) => {
+                return Err(format!(
+                    "unknown decoder `{d}` (known: {JSON_TELEMETRY_DECODER})"
+                ));
+            }
             (None, module) => {
                 let dir = path.parent().unwrap_or(Path::new("."));
-                let module_path = dir.join(module.clone().unwrap_or_else(|| format!("{stem}.wasm").into()));
+                let module_path = dir.join(
+                    module
+                        .clone()
+                        .unwrap_or_else(|| format!("{stem}.wasm").into()),
+                );
                 let wasm = std::fs::read(&module_path)
                     .map_err(|e| format!("cannot read module {}: {e}", module_path.display()))?;
                 let limits = self.defaults.with_overrides(&manifest.limits);
@@ -148,20 +182,42 @@ impl RuleLoader {
                 RuleAction::Wasm(self.version(&name, &wasm, limits, config_json)?)
             }
         };
-        Ok(Rule { name, filter, action })
+        Ok(Rule {
+            name,
+            filter,
+            action,
+        })
     }
 
     /// Returns the compiled version for these inputs, compiling only when they changed.
-    pub fn version(&mut self, name: &str, wasm: &[u8], limits: Limits, config_json: Vec<u8>) -> Result<Arc<WasmRuleVersion>, String> {
+    pub fn version(
+        &mut self,
+        name: &str,
+        wasm: &[u8],
+        limits: Limits,
+        config_json: Vec<u8>,
+    ) -> Result<Arc<WasmRuleVersion>, String> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (wasm, &config_json, &limits.timeout_ms, &limits.memory_mb, &limits.max_outputs_per_message).hash(&mut h);
+        (
+            wasm,
+            &config_json,
+            &limits.timeout_ms,
+            &limits.memory_mb,
+            &limits.max_outputs_per_message,
+        )
+            .hash(&mut h);
         let digest = h.finish();
         if let Some(v) = self.compiled.get(name).filter(|v| v.digest == digest) {
             return Ok(v.clone());
         }
         let module = self.engine.compile(wasm)?;
         info!(rule = name, bytes = wasm.len(), "compiled rule module");
-        Ok(Arc::new(WasmRuleVersion { module, limits, config_json, digest }))
+        Ok(Arc::new(WasmRuleVersion {
+            module,
+            limits,
+            config_json,
+            digest,
+        }))
     }
 }
 

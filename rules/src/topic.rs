@@ -119,7 +119,10 @@ mod tests {
 
     #[test]
     fn device_ids_come_from_the_second_level() {
-        assert_eq!(device_id_from_topic("devices/dev-1/telemetry"), Some("dev-1"));
+        assert_eq!(
+            device_id_from_topic("devices/dev-1/telemetry"),
+            Some("dev-1")
+        );
         assert_eq!(device_id_from_topic("devices/dev-1"), Some("dev-1"));
         assert_eq!(device_id_from_topic("devices//telemetry"), None);
         assert_eq!(device_id_from_topic("other/dev-1/telemetry"), None);

@@ -24,7 +24,11 @@ pub struct RulesWatcher {
 }
 
 impl RulesWatcher {
-    pub fn spawn(dir: PathBuf, mut loader: RuleLoader, rules: Arc<ArcSwap<RuleSet>>) -> notify::Result<Self> {
+    pub fn spawn(
+        dir: PathBuf,
+        mut loader: RuleLoader,
+        rules: Arc<ArcSwap<RuleSet>>,
+    ) -> notify::Result<Self> {
         let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
         let mut watcher = notify::recommended_watcher(tx)?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
@@ -39,7 +43,8 @@ impl RulesWatcher {
                     while rx.recv_timeout(QUIET_PERIOD).is_ok() {}
                     let (set, errors) = loader.load(Some(&dir));
                     metrics::counter!("sluice_rule_reloads_total").increment(1);
-                    metrics::counter!("sluice_rule_load_errors_total").increment(errors.len() as u64);
+                    metrics::counter!("sluice_rule_load_errors_total")
+                        .increment(errors.len() as u64);
                     info!(rules = ?set.names(), errors = errors.len(), "rules reloaded");
                     rules.store(Arc::new(set));
                 }

@@ -5,16 +5,22 @@
 mod page_token;
 mod telemetry;
 
-use sqlx::PgPool;
 use sluice_proto::v1::telemetry_server::TelemetryServer;
+use sqlx::PgPool;
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
-pub async fn serve(listener: TcpListener, pool: PgPool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<TelemetryServer<telemetry::TelemetryService>>().await;
+    health_reporter
+        .set_serving::<TelemetryServer<telemetry::TelemetryService>>()
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)

@@ -52,7 +52,10 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_foreign_tokens() {
-        let t = PageToken { time: Utc.timestamp_micros(1_767_225_600_123_456).unwrap(), key: 42 };
+        let t = PageToken {
+            time: Utc.timestamp_micros(1_767_225_600_123_456).unwrap(),
+            key: 42,
+        };
         let s = t.encode(Kind::Points);
         assert_eq!(PageToken::decode(&s, Kind::Points), Some(t));
         assert_eq!(PageToken::decode(&s, Kind::Events), None);

@@ -30,7 +30,10 @@ impl TelemetryService {
 #[tonic::async_trait]
 impl Telemetry for TelemetryService {
     #[instrument(level = "debug", skip_all, fields(device_id = %request.get_ref().device_id))]
-    async fn query_points(&self, request: Request<QueryPointsRequest>) -> Result<Response<QueryPointsResponse>, Status> {
+    async fn query_points(
+        &self,
+        request: Request<QueryPointsRequest>,
+    ) -> Result<Response<QueryPointsResponse>, Status> {
         let r = request.into_inner();
         if r.device_id.is_empty() {
             return Err(Status::invalid_argument("device_id is required"));
@@ -49,8 +52,12 @@ impl Telemetry for TelemetryService {
             after,
             limit: limit + 1,
         };
-        let mut rows = query::query_points(&self.pool, &q).await.map_err(db_error)?;
-        let next_page_token = next_token(&mut rows, limit, Kind::Points, |p| (p.time, i64::from(p.series_id)));
+        let mut rows = query::query_points(&self.pool, &q)
+            .await
+            .map_err(db_error)?;
+        let next_page_token = next_token(&mut rows, limit, Kind::Points, |p| {
+            (p.time, i64::from(p.series_id))
+        });
         let points = rows
             .into_iter()
             .map(|p| Point {
@@ -60,11 +67,17 @@ impl Telemetry for TelemetryService {
                 value: p.value,
             })
             .collect();
-        Ok(Response::new(QueryPointsResponse { points, next_page_token }))
+        Ok(Response::new(QueryPointsResponse {
+            points,
+            next_page_token,
+        }))
     }
 
     #[instrument(level = "debug", skip_all, fields(device_id = %request.get_ref().device_id))]
-    async fn query_events(&self, request: Request<QueryEventsRequest>) -> Result<Response<QueryEventsResponse>, Status> {
+    async fn query_events(
+        &self,
+        request: Request<QueryEventsRequest>,
+    ) -> Result<Response<QueryEventsResponse>, Status> {
         let r = request.into_inner();
         let (start, end) = time_range(r.start.as_ref(), r.end.as_ref())?;
         let limit = page_size(r.limit)?;
@@ -84,7 +97,9 @@ impl Telemetry for TelemetryService {
             after,
             limit: limit + 1,
         };
-        let mut rows = query::query_events(&self.pool, &q).await.map_err(db_error)?;
+        let mut rows = query::query_events(&self.pool, &q)
+            .await
+            .map_err(db_error)?;
         let next_page_token = next_token(&mut rows, limit, Kind::Events, |e| (e.time, e.id));
         let events = rows
             .into_iter()
@@ -96,13 +111,21 @@ impl Telemetry for TelemetryService {
                 rule: e.rule.unwrap_or_default(),
             })
             .collect();
-        Ok(Response::new(QueryEventsResponse { events, next_page_token }))
+        Ok(Response::new(QueryEventsResponse {
+            events,
+            next_page_token,
+        }))
     }
 }
 
 /// Queries ask for one row more than the page; if it came, there is a next
 /// page and it starts after the page's last row.
-fn next_token<T>(rows: &mut Vec<T>, limit: u32, kind: Kind, key: impl Fn(&T) -> (DateTime<Utc>, i64)) -> String {
+fn next_token<T>(
+    rows: &mut Vec<T>,
+    limit: u32,
+    kind: Kind,
+    key: impl Fn(&T) -> (DateTime<Utc>, i64),
+) -> String {
     if rows.len() <= limit as usize {
         return String::new();
     }
@@ -115,7 +138,9 @@ fn page_after(token: &str, kind: Kind) -> Result<Option<PageToken>, Status> {
     if token.is_empty() {
         return Ok(None);
     }
-    PageToken::decode(token, kind).map(Some).ok_or_else(bad_token)
+    PageToken::decode(token, kind)
+        .map(Some)
+        .ok_or_else(bad_token)
 }
 
 fn bad_token() -> Status {
@@ -145,8 +170,14 @@ fn time_range(
     start: Option<&prost_types::Timestamp>,
     end: Option<&prost_types::Timestamp>,
 ) -> Result<(DateTime<Utc>, DateTime<Utc>), Status> {
-    let start = start.map(|t| from_timestamp(t, "start")).transpose()?.unwrap_or_else(open_start);
-    let end = end.map(|t| from_timestamp(t, "end")).transpose()?.unwrap_or_else(open_end);
+    let start = start
+        .map(|t| from_timestamp(t, "start"))
+        .transpose()?
+        .unwrap_or_else(open_start);
+    let end = end
+        .map(|t| from_timestamp(t, "end"))
+        .transpose()?
+        .unwrap_or_else(open_end);
     if end <= start {
         return Err(Status::invalid_argument(format!(
             "end ({end}) must be after start ({start}); the range is [start, end)"
@@ -163,7 +194,10 @@ fn from_timestamp(t: &prost_types::Timestamp, field: &str) -> Result<DateTime<Ut
 }
 
 fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 fn db_error(e: sqlx::Error) -> Status {
@@ -178,12 +212,21 @@ mod tests {
     #[test]
     fn limits_and_ranges_are_checked() {
         assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
-        assert_eq!(page_size(MAX_PAGE_SIZE + 1).unwrap_err().code(), tonic::Code::InvalidArgument);
-        let t = |s| prost_types::Timestamp { seconds: s, nanos: 0 };
+        assert_eq!(
+            page_size(MAX_PAGE_SIZE + 1).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let t = |s| prost_types::Timestamp {
+            seconds: s,
+            nanos: 0,
+        };
         assert!(time_range(Some(&t(10)), Some(&t(5))).is_err());
         assert!(time_range(Some(&t(10)), Some(&t(10))).is_err());
         assert!(time_range(Some(&t(5)), Some(&t(10))).is_ok());
-        let bad = prost_types::Timestamp { seconds: 0, nanos: -1 };
+        let bad = prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        };
         assert!(time_range(Some(&bad), None).is_err());
     }
 }

@@ -26,15 +26,24 @@ pub struct Sluice {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Sluice {
     /// Starts PostgreSQL and Sluice; `prepare_rules` may fill the rules
     /// directory before Sluice first reads it.
     pub async fn start(prepare_rules: impl FnOnce(&Path)) -> Self {
-        let tmp = tempfile::Builder::new().prefix("sluice-test-").tempdir().unwrap();
-        let pg = ManagedPostgres::start_ephemeral(&tmp.path().join("pg")).await.expect("throw-away PostgreSQL");
+        let tmp = tempfile::Builder::new()
+            .prefix("sluice-test-")
+            .tempdir()
+            .unwrap();
+        let pg = ManagedPostgres::start_ephemeral(&tmp.path().join("pg"))
+            .await
+            .expect("throw-away PostgreSQL");
         let rules_dir = tmp.path().join("rules");
         std::fs::create_dir_all(&rules_dir).unwrap();
         prepare_rules(&rules_dir);
@@ -58,7 +67,17 @@ impl Sluice {
             .spawn()
             .expect("spawn sluice");
         let db = sqlx::PgPool::connect(&pg.database_url()).await.unwrap();
-        let mut s = Self { child: Some(child), mqtt_port, grpc_port, metrics_port, rules_dir, log_path, pg, db, tmp };
+        let mut s = Self {
+            child: Some(child),
+            mqtt_port,
+            grpc_port,
+            metrics_port,
+            rules_dir,
+            log_path,
+            pg,
+            db,
+            tmp,
+        };
         s.wait_ready().await;
         s
     }
@@ -69,17 +88,29 @@ impl Sluice {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("sluice exited early ({status}):\n{}", self.log());
             }
-            if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port)).unwrap().connect().await {
+            if let Ok(channel) =
+                Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port))
+                    .unwrap()
+                    .connect()
+                    .await
+            {
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                let req = tonic_health::pb::HealthCheckRequest { service: "sluice.v1.Telemetry".into() };
+                let req = tonic_health::pb::HealthCheckRequest {
+                    service: "sluice.v1.Telemetry".into(),
+                };
                 if let Ok(r) = health.check(req).await
-                    && r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                    && r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
                     && std::net::TcpStream::connect(("127.0.0.1", self.mqtt_port)).is_ok()
                 {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "sluice did not become ready:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not become ready:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -89,7 +120,9 @@ impl Sluice {
     }
 
     pub async fn telemetry(&self) -> TelemetryClient<Channel> {
-        TelemetryClient::connect(format!("http://127.0.0.1:{}", self.grpc_port)).await.unwrap()
+        TelemetryClient::connect(format!("http://127.0.0.1:{}", self.grpc_port))
+            .await
+            .unwrap()
     }
 
     /// A connected MQTT client whose event loop runs in the background.
@@ -102,9 +135,14 @@ impl Sluice {
     }
 
     pub async fn metrics(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await.unwrap();
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .await
+            .unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
         let mut body = String::new();
         stream.read_to_string(&mut body).await.unwrap();
         body
@@ -113,13 +151,21 @@ impl Sluice {
     /// SIGTERM, then the process must exit 0 within the timeout.
     pub fn stop(mut self) -> String {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;
             }
-            assert!(Instant::now() < deadline, "sluice did not stop after SIGTERM:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not stop after SIGTERM:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         let log = self.log();
@@ -138,16 +184,22 @@ impl Sluice {
             if let Some(v) = check().await {
                 return v;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; sluice log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; sluice log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn dead_letters(&self) -> Vec<DeadLetter> {
-        sqlx::query_as("SELECT device_id, topic, rule, reason, payload FROM dead_letters ORDER BY id")
-            .fetch_all(&self.db)
-            .await
-            .unwrap()
+        sqlx::query_as(
+            "SELECT device_id, topic, rule, reason, payload FROM dead_letters ORDER BY id",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
     }
 
     pub async fn all_points(&self, device_id: &str) -> Vec<sluice_proto::v1::Point> {
@@ -156,7 +208,12 @@ impl Sluice {
         let mut page_token = String::new();
         loop {
             let r = client
-                .query_points(QueryPointsRequest { device_id: device_id.into(), page_token, limit: 1000, ..Default::default() })
+                .query_points(QueryPointsRequest {
+                    device_id: device_id.into(),
+                    page_token,
+                    limit: 1000,
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -174,7 +231,12 @@ impl Sluice {
         let mut page_token = String::new();
         loop {
             let r = client
-                .query_events(QueryEventsRequest { topic_filter: topic_filter.into(), page_token, limit: 1000, ..Default::default() })
+                .query_events(QueryEventsRequest {
+                    topic_filter: topic_filter.into(),
+                    page_token,
+                    limit: 1000,
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -215,7 +277,10 @@ async fn drive(mut eventloop: EventLoop) {
 
 /// Publishes and waits until the broker acknowledged (QoS 1).
 pub async fn publish(client: &AsyncClient, topic: &str, payload: impl Into<Vec<u8>>) {
-    client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.unwrap();
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.into())
+        .await
+        .unwrap();
 }
 
 /// Compiles WAT text into a module file.

@@ -15,9 +15,21 @@ use wasmtime::{Caller, Linker, Memory, ResourceLimiter};
 /// An output as the guest asked for it, before the host attaches the message context.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GuestOutput {
-    Point { metric: String, value: f64, time_ms: Option<i64> },
-    Event { document: Vec<u8>, time_ms: Option<i64> },
-    Publish { topic: String, payload: Vec<u8>, qos: u8, retain: bool },
+    Point {
+        metric: String,
+        value: f64,
+        time_ms: Option<i64>,
+    },
+    Event {
+        document: Vec<u8>,
+        time_ms: Option<i64>,
+    },
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -64,7 +76,9 @@ impl HostState {
     }
 
     fn slot(&mut self, msg: i32) -> Option<&mut MessageSlot> {
-        usize::try_from(msg).ok().and_then(|i| self.slots.get_mut(i))
+        usize::try_from(msg)
+            .ok()
+            .and_then(|i| self.slots.get_mut(i))
     }
 
     /// Records an output for message `msg`, enforcing the per-message limit.
@@ -90,7 +104,12 @@ pub struct GuestLimiter {
 }
 
 impl ResourceLimiter for GuestLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             let msg = format!(
                 "memory limit exceeded: the guest asked for {desired} bytes, the limit is {} bytes",
@@ -102,7 +121,12 @@ impl ResourceLimiter for GuestLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.table_elements {
             let msg = format!(
                 "table limit exceeded: the guest asked for {desired} elements, the limit is {}",
@@ -127,7 +151,11 @@ struct LogBudget {
 
 impl LogBudget {
     fn new() -> Self {
-        Self { window_start: Instant::now(), used: 0, suppressed: 0 }
+        Self {
+            window_start: Instant::now(),
+            used: 0,
+            suppressed: 0,
+        }
     }
 
     /// Returns whether a line may be printed now, and how many were
@@ -174,7 +202,13 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
     linker.func_wrap(
         m,
         "emit_point",
-        |mut caller: Caller<'_, HostState>, msg: i32, name_ptr: i32, name_len: i32, value: f64, time_ms: i64| -> i32 {
+        |mut caller: Caller<'_, HostState>,
+         msg: i32,
+         name_ptr: i32,
+         name_len: i32,
+         value: f64,
+         time_ms: i64|
+         -> i32 {
             let Some(metric) = guest_str(&caller, name_ptr, name_len) else {
                 return status::BAD_MEMORY;
             };
@@ -187,7 +221,14 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
                 Some(slot) if !slot.has_device => return status::NO_DEVICE,
                 Some(_) => {}
             }
-            state.push(msg, GuestOutput::Point { metric, value, time_ms: time_arg(time_ms) })
+            state.push(
+                msg,
+                GuestOutput::Point {
+                    metric,
+                    value,
+                    time_ms: time_arg(time_ms),
+                },
+            )
         },
     )?;
 
@@ -201,7 +242,13 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             if serde_json::from_slice::<serde::de::IgnoredAny>(&document).is_err() {
                 return status::INVALID;
             }
-            caller.data_mut().push(msg, GuestOutput::Event { document, time_ms: time_arg(time_ms) })
+            caller.data_mut().push(
+                msg,
+                GuestOutput::Event {
+                    document,
+                    time_ms: time_arg(time_ms),
+                },
+            )
         },
     )?;
 
@@ -228,20 +275,29 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             }
             caller.data_mut().push(
                 msg,
-                GuestOutput::Publish { topic, payload, qos: qos as u8, retain: retain != 0 },
+                GuestOutput::Publish {
+                    topic,
+                    payload,
+                    qos: qos as u8,
+                    retain: retain != 0,
+                },
             )
         },
     )?;
 
-    linker.func_wrap(m, "drop_message", |mut caller: Caller<'_, HostState>, msg: i32| -> i32 {
-        match caller.data_mut().slot(msg) {
-            None => status::BAD_MESSAGE,
-            Some(slot) => {
-                slot.verdict = Verdict::Dropped;
-                status::OK
+    linker.func_wrap(
+        m,
+        "drop_message",
+        |mut caller: Caller<'_, HostState>, msg: i32| -> i32 {
+            match caller.data_mut().slot(msg) {
+                None => status::BAD_MESSAGE,
+                Some(slot) => {
+                    slot.verdict = Verdict::Dropped;
+                    status::OK
+                }
             }
-        }
-    })?;
+        },
+    )?;
 
     linker.func_wrap(
         m,
@@ -272,7 +328,10 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             let (allowed, suppressed) = state.log_budget.take();
             let rule = &*state.rule;
             if suppressed > 0 {
-                warn!(rule, suppressed, "guest log lines suppressed by the rate limit");
+                warn!(
+                    rule,
+                    suppressed, "guest log lines suppressed by the rate limit"
+                );
             }
             if allowed {
                 let text = String::from_utf8_lossy(&bytes);

@@ -15,7 +15,9 @@ use host::{HostState, MessageSlot};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use wasmtime::{Config, Engine, ExternType, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc};
+use wasmtime::{
+    Config, Engine, ExternType, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc,
+};
 
 /// How often the epoch advances: the granularity of guest timeouts.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -43,14 +45,22 @@ impl RuleEngine {
                     ticking_engine.increment_epoch();
                 }
             })?;
-        Ok(Arc::new(Self { engine, linker, stop_ticker }))
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            stop_ticker,
+        }))
     }
 
     /// Validates and compiles a module. Errors say what is wrong with it.
     pub fn compile(&self, wasm: &[u8]) -> Result<WasmModule, String> {
-        let module = Module::new(&self.engine, wasm).map_err(|e| format!("not a valid WebAssembly module: {e:#}"))?;
+        let module = Module::new(&self.engine, wasm)
+            .map_err(|e| format!("not a valid WebAssembly module: {e:#}"))?;
         check_interface(&module)?;
-        let pre = self.linker.instantiate_pre(&module).map_err(|e| format!("cannot link: {e:#}"))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| format!("cannot link: {e:#}"))?;
         Ok(WasmModule { pre })
     }
 }
@@ -88,17 +98,31 @@ fn check_interface(module: &Module) -> Result<(), String> {
     }
     match module.get_export(abi::EXPORT_MEMORY) {
         Some(ExternType::Memory(_)) => {}
-        _ => return Err(format!("does not export its linear memory as `{}`", abi::EXPORT_MEMORY)),
+        _ => {
+            return Err(format!(
+                "does not export its linear memory as `{}`",
+                abi::EXPORT_MEMORY
+            ));
+        }
     }
-    let required: [(&str, usize, usize); 3] =
-        [(abi::EXPORT_ABI_VERSION, 0, 1), (abi::EXPORT_ALLOC, 1, 1), (abi::EXPORT_ON_BATCH, 2, 1)];
+    let required: [(&str, usize, usize); 3] = [
+        (abi::EXPORT_ABI_VERSION, 0, 1),
+        (abi::EXPORT_ALLOC, 1, 1),
+        (abi::EXPORT_ON_BATCH, 2, 1),
+    ];
     for (name, params, results) in required {
         check_i32_func(module, name, params, results, true)?;
     }
     check_i32_func(module, abi::EXPORT_INIT, 2, 1, false)
 }
 
-fn check_i32_func(module: &Module, name: &str, params: usize, results: usize, required: bool) -> Result<(), String> {
+fn check_i32_func(
+    module: &Module,
+    name: &str,
+    params: usize,
+    results: usize,
+    required: bool,
+) -> Result<(), String> {
     let want = || format!("({}) -> i32", vec!["i32"; params].join(", "));
     match module.get_export(name) {
         None if !required => Ok(()),
@@ -108,7 +132,14 @@ fn check_i32_func(module: &Module, name: &str, params: usize, results: usize, re
                 && f.params().all(|p| p.is_i32())
                 && f.results().len() == results
                 && f.results().all(|r| r.is_i32());
-            if ok { Ok(()) } else { Err(format!("exports `{name}` with the wrong signature; ABI v1 wants {}", want())) }
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "exports `{name}` with the wrong signature; ABI v1 wants {}",
+                    want()
+                ))
+            }
         }
         Some(_) => Err(format!("exports `{name}` but not as a function")),
     }
@@ -168,21 +199,32 @@ pub struct RuleInstance {
 }
 
 impl RuleInstance {
-    pub fn new(module: &WasmModule, rule: Arc<str>, limits: &Limits, config_json: &[u8]) -> Result<Self, GuestError> {
-        let memory_bytes = usize::try_from(limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+    pub fn new(
+        module: &WasmModule,
+        rule: Arc<str>,
+        limits: &Limits,
+        config_json: &[u8],
+    ) -> Result<Self, GuestError> {
+        let memory_bytes =
+            usize::try_from(limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         let state = HostState::new(rule, memory_bytes, limits.max_outputs_per_message);
         let mut store = Store::new(module.pre.module().engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
 
-        let instance = module.pre.instantiate(&mut store).map_err(|e| classify(&store, e, limits))?;
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&store, e, limits))?;
         let memory = instance
             .get_memory(&mut store, abi::EXPORT_MEMORY)
             .ok_or_else(|| GuestError::Trap("no exported memory".into()))?;
         store.data_mut().memory = Some(memory);
         let typed = |store: &mut Store<HostState>, name: &str| {
-            instance.get_typed_func::<(), i32>(&mut *store, name).map_err(|e| GuestError::Trap(format!("{e:#}")))
+            instance
+                .get_typed_func::<(), i32>(&mut *store, name)
+                .map_err(|e| GuestError::Trap(format!("{e:#}")))
         };
         let version = typed(&mut store, abi::EXPORT_ABI_VERSION)?;
         let alloc = instance
@@ -191,17 +233,31 @@ impl RuleInstance {
         let on_batch = instance
             .get_typed_func::<(i32, i32), i32>(&mut store, abi::EXPORT_ON_BATCH)
             .map_err(|e| GuestError::Trap(format!("{e:#}")))?;
-        let init = instance.get_typed_func::<(i32, i32), i32>(&mut store, abi::EXPORT_INIT).ok();
+        let init = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, abi::EXPORT_INIT)
+            .ok();
 
-        let mut this = Self { store, memory, alloc, on_batch, limits: limits.clone() };
-        this.store.set_epoch_deadline(deadline_ticks(this.limits.timeout_ms));
-        let v = version.call(&mut this.store, ()).map_err(|e| this.classify(e))?;
+        let mut this = Self {
+            store,
+            memory,
+            alloc,
+            on_batch,
+            limits: limits.clone(),
+        };
+        this.store
+            .set_epoch_deadline(deadline_ticks(this.limits.timeout_ms));
+        let v = version
+            .call(&mut this.store, ())
+            .map_err(|e| this.classify(e))?;
         if v != abi::ABI_VERSION {
             return Err(GuestError::AbiVersion(v));
         }
         if let Some(init) = init {
-            let ptr = this.write_buffer(config_json).map_err(|e| GuestError::Init(e.to_string()))?;
-            this.store.set_epoch_deadline(deadline_ticks(this.limits.timeout_ms));
+            let ptr = this
+                .write_buffer(config_json)
+                .map_err(|e| GuestError::Init(e.to_string()))?;
+            this.store
+                .set_epoch_deadline(deadline_ticks(this.limits.timeout_ms));
             let rc = init
                 .call(&mut this.store, (ptr, config_json.len() as i32))
                 .map_err(|e| GuestError::Init(this.classify(e).to_string()))?;
@@ -221,7 +277,8 @@ impl RuleInstance {
             ..Default::default()
         }));
         let len = abi::batch_len(messages);
-        self.store.set_epoch_deadline(deadline_ticks(self.limits.timeout_ms));
+        self.store
+            .set_epoch_deadline(deadline_ticks(self.limits.timeout_ms));
         let base = self.alloc_in_guest(len)?;
         let encoded = abi::encode_batch(base as u32, messages);
         self.memory
@@ -239,7 +296,10 @@ impl RuleInstance {
 
     fn alloc_in_guest(&mut self, len: usize) -> Result<i32, GuestError> {
         let len_i32 = i32::try_from(len).map_err(|_| GuestError::Alloc(format!("{len} bytes")))?;
-        let ptr = self.alloc.call(&mut self.store, len_i32).map_err(|e| self.classify(e))?;
+        let ptr = self
+            .alloc
+            .call(&mut self.store, len_i32)
+            .map_err(|e| self.classify(e))?;
         let end = (ptr as u32 as usize).checked_add(len);
         if ptr == 0 && len > 0 || end.is_none_or(|end| end > self.memory.data_size(&self.store)) {
             return Err(GuestError::Alloc(format!(
