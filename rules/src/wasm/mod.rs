@@ -284,6 +284,8 @@ impl RuleInstance {
         self.memory
             .write(&mut self.store, base as usize, &encoded)
             .map_err(|e| GuestError::Alloc(e.to_string()))?;
+        self.store
+            .set_epoch_deadline(deadline_ticks(self.limits.timeout_ms));
         let rc = self
             .on_batch
             .call(&mut self.store, (base, messages.len() as i32))

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Sustained end-to-end ingest (MQTT → rules → PostgreSQL) measured beside the
+# PostgreSQL ceiling for the same table, in one run on one machine:
+#
+#   1. start a release `sluice serve` with its managed PostgreSQL in a temp dir;
+#   2. `sluice-sim` publishes as fast as the broker acknowledges (QoS 1) from
+#      DEVICES devices for DURATION seconds; the run's rate is points stored
+#      divided by the time from the first publish until the last point is
+#      stored (measured by polling the table);
+#   3. `psql \copy` of the same number of rows, as CSV, into the same `points`
+#      table (narrow rows, same index): the ceiling.
+#
+# Usage: simulator/bench/e2e_ingest.sh [DEVICES] [DURATION]   (defaults 50, 30)
+# Prints one Markdown table row for BENCHMARKS.md.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+devices=${1:-50}
+duration=${2:-30}
+cd "$root"
+cargo build --release -q -p sluice -p sluice-simulator
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
+
+work=$(mktemp -d /tmp/sluice-bench-XXXXXX)
+chmod 755 "$work"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+mqtt=$(free_port); grpc=$(free_port); metrics=$(free_port)
+
+"$bin/sluice" serve --data-dir "$work/data" --rules "$work/rules" \
+  --mqtt-listen "127.0.0.1:$mqtt" --grpc-listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
+  >"$work/sluice.log" 2>&1 &
+sluice_pid=$!
+cleanup() { kill -TERM "$sluice_pid" 2>/dev/null || true; wait "$sluice_pid" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+for _ in $(seq 600); do grep -q "sluice is ready" "$work/sluice.log" && break; sleep 0.1; done
+grep -q "sluice is ready" "$work/sluice.log" || { cat "$work/sluice.log"; exit 1; }
+
+export PGPASSWORD
+PGPASSWORD=$(cat "$work/data/pg-password")
+pgport=$(sed -n 4p "$work/data/pg/postmaster.pid")
+psql_() { psql -X -q -t -A -h 127.0.0.1 -p "$pgport" -U postgres -d sluice "$@"; }
+count() { psql_ -c "SELECT count(*) FROM points"; }
+
+t0=$(date +%s.%N)
+"$bin/sluice-sim" --port "$mqtt" --devices "$devices" --rate 0 --qos 1 --duration "$duration" --json >"$work/sim.json"
+last=$(count); last_change=$(date +%s.%N)
+while true; do
+  sleep 0.5
+  now=$(count)
+  if [ "$now" != "$last" ]; then last=$now; last_change=$(date +%s.%N); continue; fi
+  python3 -c "import sys; sys.exit(0 if $(date +%s.%N) - $last_change > 3 else 1)" && break
+done
+stored=$last
+e2e=$(python3 -c "print(round($stored / ($last_change - $t0)))")
+sent_points=$(python3 -c "import json; print(json.load(open('$work/sim.json'))['points'])")
+
+# The same number of rows, shaped like the simulator's: 1,000 series, one row a second each.
+python3 - "$stored" >"$work/points.csv" <<'PY'
+import datetime, sys
+start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+for i in range(int(sys.argv[1])):
+    t = start + datetime.timedelta(seconds=i // 1000)
+    print(f"{i % 1000 + 1},{t.isoformat()},{i * 0.5}")
+PY
+c0=$(date +%s.%N)
+psql_ -c "\\copy points (series_id, time, value) FROM '$work/points.csv' CSV"
+c1=$(date +%s.%N)
+ceiling=$(python3 -c "print(round($stored / ($c1 - $c0)))")
+ratio=$(python3 -c "print(f'{$e2e / $ceiling:.0%}')")
+echo "| $(date -u +%F) | $(nproc) cores | $devices devices, QoS 1, ${duration}s | $sent_points sent / $stored stored | $e2e | $ceiling | $ratio |"
