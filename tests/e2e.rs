@@ -101,27 +101,7 @@ async fn telemetry_points_are_stored_exactly_once() {
     }
 
     // Paging walks the same rows as one big page, in time order.
-    let mut telemetry = sluice.telemetry().await;
-    let mut paged = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let r = telemetry
-            .query_points(QueryPointsRequest {
-                device_id: "fleet-0".into(),
-                limit: 7,
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.points.len() <= 7);
-        paged.extend(r.points);
-        if r.next_page_token.is_empty() {
-            break;
-        }
-        page_token = r.next_page_token;
-    }
+    let paged = sluice.points_paged("fleet-0", 7).await;
     assert_eq!(paged, sluice.all_points("fleet-0").await);
     assert!(
         paged
@@ -130,7 +110,9 @@ async fn telemetry_points_are_stored_exactly_once() {
     );
 
     // A metric filter and a time range narrow the result.
-    let r = telemetry
+    let r = sluice
+        .telemetry()
+        .await
         .query_points(QueryPointsRequest {
             device_id: "fleet-0".into(),
             metric: "seq".into(),
@@ -471,5 +453,83 @@ async fn bad_grpc_requests_get_invalid_argument() {
         .unwrap()
         .into_inner();
     assert!(r.events.is_empty() && r.next_page_token.is_empty());
+    sluice.stop();
+}
+
+/// What `grpcurl list` does, over both reflection versions, plus a health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let sluice = Sluice::start(|_| {}).await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", sluice.grpc_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        status.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(channel.clone());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("{response:?}")
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.contains(&"sluice.v1.Telemetry".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"grpc.health.v1.Health".to_string()),
+            "{names:?}"
+        );
+    }
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "sluice.v1.Telemetry".into(),
+            )),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+            panic!("{response:?}")
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
     sluice.stop();
 }

@@ -309,6 +309,7 @@ fn time_or(time_ms: Option<i64>, fallback: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>) {
+    counter!("sluice_rule_invocations_total", "rule" => rule.name.to_string()).increment(1);
     let mut tally = Tally::default();
     for m in msgs {
         let Some(device_id) = &m.device_id else {
@@ -335,6 +336,10 @@ fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>) {
                 out.push(Output::dead_letter(m, Some(&rule.name), e.to_string()));
             }
         }
+    }
+    if tally.dead_letter > 0 {
+        counter!("sluice_rule_failures_total", "rule" => rule.name.to_string(), "kind" => "decode")
+            .increment(tally.dead_letter);
     }
     tally.record(&rule.name);
 }

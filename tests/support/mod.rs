@@ -202,50 +202,68 @@ impl Sluice {
         .unwrap()
     }
 
-    pub async fn all_points(&self, device_id: &str) -> Vec<sluice_proto::v1::Point> {
-        let mut client = self.telemetry().await;
-        let mut out = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let r = client
-                .query_points(QueryPointsRequest {
-                    device_id: device_id.into(),
-                    page_token,
-                    limit: 1000,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            out.extend(r.points);
-            if r.next_page_token.is_empty() {
-                return out;
+    /// Every point of a device, walking all pages of `page_size`.
+    pub async fn points_paged(
+        &self,
+        device_id: &str,
+        page_size: u32,
+    ) -> Vec<sluice_proto::v1::Point> {
+        let client = self.telemetry().await;
+        collect_pages(|page_token| {
+            let mut client = client.clone();
+            let request = QueryPointsRequest {
+                device_id: device_id.into(),
+                page_token,
+                limit: page_size,
+                ..Default::default()
+            };
+            async move {
+                let r = client.query_points(request).await.unwrap().into_inner();
+                assert!(r.points.len() <= page_size as usize);
+                (r.points, r.next_page_token)
             }
-            page_token = r.next_page_token;
-        }
+        })
+        .await
+    }
+
+    pub async fn all_points(&self, device_id: &str) -> Vec<sluice_proto::v1::Point> {
+        self.points_paged(device_id, 1000).await
     }
 
     pub async fn all_events(&self, topic_filter: &str) -> Vec<sluice_proto::v1::Event> {
-        let mut client = self.telemetry().await;
-        let mut out = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let r = client
-                .query_events(QueryEventsRequest {
-                    topic_filter: topic_filter.into(),
-                    page_token,
-                    limit: 1000,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            out.extend(r.events);
-            if r.next_page_token.is_empty() {
-                return out;
+        let client = self.telemetry().await;
+        collect_pages(|page_token| {
+            let mut client = client.clone();
+            let request = QueryEventsRequest {
+                topic_filter: topic_filter.into(),
+                page_token,
+                limit: 1000,
+                ..Default::default()
+            };
+            async move {
+                let r = client.query_events(request).await.unwrap().into_inner();
+                (r.events, r.next_page_token)
             }
-            page_token = r.next_page_token;
+        })
+        .await
+    }
+}
+
+/// Follows `next_page_token` until the last page.
+async fn collect_pages<T, F, Fut>(mut fetch: F) -> Vec<T>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = (Vec<T>, String)>,
+{
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (items, next) = fetch(page_token).await;
+        out.extend(items);
+        if next.is_empty() {
+            return out;
         }
+        page_token = next;
     }
 }
 
