@@ -47,7 +47,7 @@ async fn run(config: &Config, database_url: &str) -> anyhow::Result<()> {
     let pool = sluice_ingest::connect(database_url, config.database_max_connections)
         .await
         .context("cannot connect to PostgreSQL")?;
-    let (sink, writer) = sluice_ingest::spawn_writer(pool.clone(), config.ingest.clone());
+    let (sink, mut writer) = sluice_ingest::spawn_writer(pool.clone(), config.ingest.clone());
 
     let rules_cfg = &config.rules;
     std::fs::create_dir_all(&rules_cfg.dir).with_context(|| {
@@ -113,6 +113,12 @@ async fn run(config: &Config, database_url: &str) -> anyhow::Result<()> {
         r = &mut grpc => {
             r??;
             anyhow::bail!("the gRPC server stopped unexpectedly");
+        }
+        r = &mut writer => {
+            // Only a bug stops the writer early; better to exit loudly than to
+            // keep accepting messages that can no longer be stored.
+            r?;
+            anyhow::bail!("the writer stopped unexpectedly");
         }
     }
 
