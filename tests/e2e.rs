@@ -533,3 +533,51 @@ async fn health_and_reflection_are_served() {
     }
     sluice.stop();
 }
+
+/// The README's quick start, outside in: the stock `mosquitto_pub` client
+/// publishes, a gRPC client reads the two points back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_quick_start() {
+    if std::process::Command::new("mosquitto_pub")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        // CI installs mosquitto-clients (.ci/run), so this only skips on a bare developer machine.
+        eprintln!("SKIPPED: mosquitto_pub is not installed (apt-get install -y mosquitto-clients)");
+        return;
+    }
+    let sluice = Sluice::start(|_| {}).await;
+    let status = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &sluice.mqtt_port.to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", "devices/dev-1/telemetry"])
+        .args([
+            "-m",
+            r#"{"temperature": 21.5, "humidity": 40, "ts": 1767225600000}"#,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let points = sluice
+        .eventually("the quick-start points", WAIT, || async {
+            let p = sluice.all_points("dev-1").await;
+            (p.len() == 2).then_some(p)
+        })
+        .await;
+    let values: BTreeMap<_, _> = points.iter().map(|p| (p.metric.clone(), p.value)).collect();
+    assert_eq!(
+        values,
+        BTreeMap::from([
+            ("humidity".to_string(), 40.0),
+            ("temperature".to_string(), 21.5)
+        ])
+    );
+    sluice.stop();
+}
