@@ -391,43 +391,51 @@ async fn bad_grpc_requests_get_invalid_argument() {
     let sluice = Sluice::start(|_| {}).await;
     let mut t = sluice.telemetry().await;
 
-    let (c, m) = code(t.query_points(QueryPointsRequest::default()).await);
-    assert_eq!(c, tonic::Code::InvalidArgument);
-    assert!(m.contains("device_id"), "{m}");
-
-    let (c, m) = code(
-        t.query_points(QueryPointsRequest {
-            device_id: "d".into(),
-            start: Some(ts(20)),
-            end: Some(ts(10)),
-            ..Default::default()
-        })
-        .await,
-    );
-    assert_eq!(c, tonic::Code::InvalidArgument);
-    assert!(m.contains("end"), "{m}");
-
-    let (c, m) = code(
-        t.query_points(QueryPointsRequest {
-            device_id: "d".into(),
-            page_token: "bogus".into(),
-            ..Default::default()
-        })
-        .await,
-    );
-    assert_eq!(c, tonic::Code::InvalidArgument);
-    assert!(m.contains("page_token"), "{m}");
-
-    let (c, m) = code(
-        t.query_points(QueryPointsRequest {
-            device_id: "d".into(),
-            limit: 1_000_000,
-            ..Default::default()
-        })
-        .await,
-    );
-    assert_eq!(c, tonic::Code::InvalidArgument);
-    assert!(m.contains("limit"), "{m}");
+    // Each bad points request, and the field its error must name.
+    let bad_points = [
+        (QueryPointsRequest::default(), "device_id"),
+        (
+            QueryPointsRequest {
+                device_id: "d".into(),
+                start: Some(ts(20)),
+                end: Some(ts(10)),
+                ..Default::default()
+            },
+            "end",
+        ),
+        (
+            QueryPointsRequest {
+                device_id: "d".into(),
+                page_token: "bogus".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            QueryPointsRequest {
+                device_id: "d".into(),
+                limit: 1_000_000,
+                ..Default::default()
+            },
+            "limit",
+        ),
+        (
+            QueryPointsRequest {
+                device_id: "d".into(),
+                start: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1,
+                }),
+                ..Default::default()
+            },
+            "start",
+        ),
+    ];
+    for (request, field) in bad_points {
+        let (c, m) = code(t.query_points(request.clone()).await);
+        assert_eq!(c, tonic::Code::InvalidArgument, "{request:?}");
+        assert!(m.contains(field), "{request:?}: {m}");
+    }
 
     let (c, m) = code(
         t.query_events(QueryEventsRequest {
