@@ -3,6 +3,8 @@
 
 mod api;
 mod config;
+mod database;
+mod devices_cmd;
 mod pipeline;
 mod serve;
 
@@ -58,6 +60,9 @@ enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage the device registry (uses the database exactly as `serve` does).
+    #[command(subcommand)]
+    Devices(devices_cmd::DevicesCommand),
 }
 
 #[derive(Subcommand)]
@@ -106,10 +111,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config.to_masked_toml()?);
             Ok(())
         }
-        Command::Serve => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("sluice")
-            .build()?
-            .block_on(serve::serve(config)),
+        Command::Serve => runtime()?.block_on(serve::serve(config)),
+        Command::Devices(command) => runtime()?.block_on(devices_cmd::run(&config, command)),
     }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sluice")
+        .build()
 }

@@ -8,11 +8,11 @@
 
 use crate::api;
 use crate::config::Config;
+use crate::database::Database;
 use crate::pipeline;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use sluice_broker::Broker;
-use sluice_ingest::managed::ManagedPostgres;
 use sluice_rules::{Processor, ProcessorConfig, RuleEngine, RuleLoader, RulesWatcher};
 use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
@@ -24,29 +24,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .install()
         .with_context(|| format!("cannot serve metrics on {}", config.metrics_listen))?;
 
-    let (database_url, managed) = match &config.database_url {
-        Some(url) => (url.clone(), None),
-        None => {
-            let pg = ManagedPostgres::start(&config.data_dir)
-                .await
-                .context("cannot start the managed PostgreSQL")?;
-            info!(data_dir = %config.data_dir.display(), port = pg.port(), "managed PostgreSQL running");
-            (pg.database_url(), Some(pg))
-        }
-    };
-    let result = run(&config, &database_url).await;
-    if let Some(pg) = managed
-        && let Err(e) = pg.stop().await
-    {
-        warn!(error = %e, "stopping the managed PostgreSQL failed");
-    }
+    let db = Database::open(&config).await?;
+    let result = run(&config, db.pool.clone()).await;
+    db.close().await;
     result
 }
 
-async fn run(config: &Config, database_url: &str) -> anyhow::Result<()> {
-    let pool = sluice_ingest::connect(database_url, config.database_max_connections)
-        .await
-        .context("cannot connect to PostgreSQL")?;
+async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let (sink, mut writer) = sluice_ingest::spawn_writer(pool.clone(), config.ingest.clone());
 
     let rules_cfg = &config.rules;
@@ -131,6 +115,5 @@ async fn run(config: &Config, database_url: &str) -> anyhow::Result<()> {
     info!("every batch flushed");
     let _ = grpc_stop_tx.send(());
     grpc.await??;
-    pool.close().await;
     Ok(())
 }

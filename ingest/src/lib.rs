@@ -6,6 +6,7 @@
 //! - [`writer`] is the batching binary-COPY writer, the only inserter.
 //! - [`query`] holds the read queries the gRPC API serves.
 
+pub mod devices;
 pub mod managed;
 pub mod pgcopy;
 pub mod query;
