@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("sluice_descriptor.bin"))
         .compile_protos(
-            &[PathBuf::from("sluice/v1/telemetry.proto")],
+            &[
+                PathBuf::from("sluice/v1/telemetry.proto"),
+                PathBuf::from("sluice/v1/admin.proto"),
+            ],
             &[PathBuf::from("."), protoc_bin_vendored::include_path()?],
         )?;
     println!("cargo:rerun-if-changed=sluice");

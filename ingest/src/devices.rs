@@ -123,6 +123,49 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Device>, DeviceError> {
     )
 }
 
+/// One page of devices in id order: those whose id starts with `prefix`,
+/// strictly after `after`.
+pub async fn list_page(
+    pool: &PgPool,
+    prefix: &str,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<Device>, DeviceError> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM devices WHERE starts_with(id, $1) AND ($2::text IS NULL OR id > $2) ORDER BY id LIMIT $3"
+    ))
+    .bind(prefix)
+    .bind(after)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Changes the given fields; `None` leaves a field as it is.
+pub async fn update(
+    pool: &PgPool,
+    id: &str,
+    enabled: Option<bool>,
+    metadata: Option<serde_json::Value>,
+) -> Result<Device, DeviceError> {
+    if metadata.as_ref().is_some_and(|m| !m.is_object()) {
+        return Err(DeviceError::InvalidMetadata);
+    }
+    sqlx::query_as(concat!(
+        "UPDATE devices SET enabled = COALESCE($2, enabled), metadata = COALESCE($3, metadata) \
+         WHERE id = $1 RETURNING ",
+        columns!()
+    ))
+    .bind(id)
+    .bind(enabled)
+    .bind(metadata)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| DeviceError::NotFound(id.to_owned()))
+}
+
 pub async fn get(pool: &PgPool, id: &str) -> Result<Device, DeviceError> {
     sqlx::query_as(concat!(
         "SELECT ",
@@ -136,15 +179,7 @@ pub async fn get(pool: &PgPool, id: &str) -> Result<Device, DeviceError> {
 }
 
 pub async fn set_enabled(pool: &PgPool, id: &str, enabled: bool) -> Result<Device, DeviceError> {
-    sqlx::query_as(concat!(
-        "UPDATE devices SET enabled = $2 WHERE id = $1 RETURNING ",
-        columns!()
-    ))
-    .bind(id)
-    .bind(enabled)
-    .fetch_optional(pool)
-    .await?
-    .ok_or_else(|| DeviceError::NotFound(id.to_owned()))
+    update(pool, id, Some(enabled), None).await
 }
 
 pub async fn delete(pool: &PgPool, id: &str) -> Result<(), DeviceError> {

@@ -1,10 +1,12 @@
-//! The gRPC API: `sluice.v1.Telemetry`, plus the standard health service and
+//! The gRPC API: `sluice.v1.Telemetry` and `sluice.v1.Admin`, plus the standard health service and
 //! server reflection (v1 and v1alpha, since common clients still speak the
 //! latter), so `grpcurl`-style tools work without the .proto files.
 
+mod admin;
 mod page_token;
 mod telemetry;
 
+use sluice_proto::v1::admin_server::AdminServer;
 use sluice_proto::v1::telemetry_server::TelemetryServer;
 use sqlx::PgPool;
 use std::future::Future;
@@ -36,7 +38,10 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(TelemetryServer::new(telemetry::TelemetryService::new(pool)))
+        .add_service(TelemetryServer::new(telemetry::TelemetryService::new(
+            pool.clone(),
+        )))
+        .add_service(AdminServer::new(admin::AdminService::new(pool)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -193,7 +193,7 @@ fn from_timestamp(t: &prost_types::Timestamp, field: &str) -> Result<DateTime<Ut
         .ok_or_else(|| Status::invalid_argument(format!("{field} is not a valid timestamp")))
 }
 
-fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+pub(super) fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: t.timestamp_subsec_nanos() as i32,

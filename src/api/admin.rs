@@ -1,0 +1,186 @@
+//! `sluice.v1.Admin`: the device registry over gRPC, with the same naming,
+//! errors and paging as `Telemetry`.
+
+use super::telemetry::to_timestamp;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sluice_ingest::devices::{self, DeviceError};
+use sluice_proto::v1::admin_server::Admin;
+use sluice_proto::v1::{
+    CreateDeviceRequest, CreateDeviceResponse, DeleteDeviceRequest, DeleteDeviceResponse, Device,
+    GetDeviceRequest, ListDevicesRequest, ListDevicesResponse, RotateDeviceSecretRequest,
+    RotateDeviceSecretResponse, UpdateDeviceRequest,
+};
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+use tracing::{error, info, instrument};
+
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1_000;
+/// Device page tokens are the last id of the page, tagged so a telemetry token is refused.
+const TOKEN_TAG: &str = "dev:";
+
+pub struct AdminService {
+    pool: PgPool,
+}
+
+impl AdminService {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    #[instrument(level = "debug", skip_all, fields(id = %request.get_ref().id))]
+    async fn create_device(
+        &self,
+        request: Request<CreateDeviceRequest>,
+    ) -> Result<Response<CreateDeviceResponse>, Status> {
+        let r = request.into_inner();
+        let metadata = parse_metadata(&r.metadata_json)?.unwrap_or_else(|| serde_json::json!({}));
+        let (device, secret) = devices::create(&self.pool, &r.id, metadata)
+            .await
+            .map_err(status)?;
+        info!(id = %device.id, "device created over gRPC");
+        Ok(Response::new(CreateDeviceResponse {
+            device: Some(to_proto(device)),
+            secret,
+        }))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {n} is over the maximum page size of {MAX_PAGE_SIZE}"
+                )));
+            }
+            n => n,
+        };
+        let after = decode_token(&r.page_token)?;
+        let mut rows = devices::list_page(&self.pool, &r.id_prefix, after.as_deref(), limit + 1)
+            .await
+            .map_err(status)?;
+        let next_page_token = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            URL_SAFE_NO_PAD.encode(format!("{TOKEN_TAG}{}", rows.last().expect("limit ≥ 1").id))
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListDevicesResponse {
+            devices: rows.into_iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_device(
+        &self,
+        request: Request<GetDeviceRequest>,
+    ) -> Result<Response<Device>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(to_proto(
+            devices::get(&self.pool, &id).await.map_err(status)?,
+        )))
+    }
+
+    async fn update_device(
+        &self,
+        request: Request<UpdateDeviceRequest>,
+    ) -> Result<Response<Device>, Status> {
+        let r = request.into_inner();
+        let metadata = match &r.metadata_json {
+            Some(json) => parse_metadata(json)?,
+            None => None,
+        };
+        let device = devices::update(&self.pool, &r.id, r.enabled, metadata)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(to_proto(device)))
+    }
+
+    async fn delete_device(
+        &self,
+        request: Request<DeleteDeviceRequest>,
+    ) -> Result<Response<DeleteDeviceResponse>, Status> {
+        let id = request.into_inner().id;
+        devices::delete(&self.pool, &id).await.map_err(status)?;
+        info!(%id, "device deleted over gRPC");
+        Ok(Response::new(DeleteDeviceResponse {}))
+    }
+
+    async fn rotate_device_secret(
+        &self,
+        request: Request<RotateDeviceSecretRequest>,
+    ) -> Result<Response<RotateDeviceSecretResponse>, Status> {
+        let id = request.into_inner().id;
+        let secret = devices::rotate_secret(&self.pool, &id)
+            .await
+            .map_err(status)?;
+        info!(%id, "device secret rotated over gRPC");
+        Ok(Response::new(RotateDeviceSecretResponse { secret }))
+    }
+}
+
+fn parse_metadata(json: &str) -> Result<Option<serde_json::Value>, Status> {
+    if json.is_empty() {
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Status::invalid_argument(format!("metadata_json is not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(Status::invalid_argument(
+            "metadata_json must be a JSON object",
+        ));
+    }
+    Ok(Some(value))
+}
+
+fn decode_token(token: &str) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .and_then(|s| s.strip_prefix(TOKEN_TAG).map(str::to_owned))
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument("page_token is not a token this server issued for ListDevices")
+        })
+}
+
+fn to_proto(d: devices::Device) -> Device {
+    Device {
+        id: d.id,
+        enabled: d.enabled,
+        created_at: Some(to_timestamp(d.created_at)),
+        last_connect_at: d.last_connect_at.map(to_timestamp),
+        last_disconnect_at: d.last_disconnect_at.map(to_timestamp),
+        online: d.online,
+        metadata_json: d.metadata.to_string(),
+    }
+}
+
+fn status(e: DeviceError) -> Status {
+    match e {
+        DeviceError::Exists(_) => Status::already_exists(e.to_string()),
+        DeviceError::NotFound(_) => Status::not_found(e.to_string()),
+        DeviceError::InvalidId(_) => Status::invalid_argument(format!("id: {e}")),
+        DeviceError::InvalidMetadata => Status::invalid_argument(format!("metadata_json: {e}")),
+        DeviceError::Hash(_) => {
+            error!(error = %e, "hashing a device secret failed");
+            Status::internal("could not hash the secret")
+        }
+        DeviceError::Database(db) => {
+            error!(error = %db, "device registry query failed");
+            Status::unavailable("the database could not answer; try again")
+        }
+    }
+}
