@@ -8,7 +8,7 @@ use sluice_proto::v1::{
     CreateDeviceRequest, DeleteDeviceRequest, GetDeviceRequest, ListDevicesRequest,
     RotateDeviceSecretRequest, UpdateDeviceRequest,
 };
-use support::Sluice;
+use support::{Sluice, stored_secret_hash};
 use tonic::Code;
 
 fn err<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
@@ -22,17 +22,6 @@ async fn devices_over_grpc() {
     let mut admin = AdminClient::connect(format!("http://127.0.0.1:{}", sluice.grpc_port))
         .await
         .unwrap();
-    let stored_hash = |id: &'static str| {
-        let db = sluice.db.clone();
-        async move {
-            sqlx::query_scalar::<_, String>("SELECT secret_hash FROM devices WHERE id = $1")
-                .bind(id)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-        }
-    };
-
     let created = admin
         .create_device(CreateDeviceRequest {
             id: "pump-1".into(),
@@ -47,7 +36,10 @@ async fn devices_over_grpc() {
         ("pump-1", true, false)
     );
     assert_eq!(device.metadata_json, r#"{"site":"north"}"#);
-    assert!(verify_secret(&created.secret, &stored_hash("pump-1").await));
+    assert!(verify_secret(
+        &created.secret,
+        &stored_secret_hash(&sluice.db, "pump-1").await
+    ));
 
     for id in ["pump-2", "pump-3", "pump-4", "valve-1"] {
         admin
@@ -112,7 +104,7 @@ async fn devices_over_grpc() {
         .await
         .unwrap()
         .into_inner();
-    let hash = stored_hash("pump-1").await;
+    let hash = stored_secret_hash(&sluice.db, "pump-1").await;
     assert!(verify_secret(&rotated.secret, &hash));
     assert!(!verify_secret(&old, &hash));
 

@@ -1,7 +1,10 @@
 //! `sluice devices …` against a real PostgreSQL, as an operator would run it.
 
+mod support;
+
 use sluice_ingest::managed::ManagedPostgres;
 use std::process::{Command, Output};
+use support::stored_secret_hash;
 
 fn sluice(args: &[&str], database_url: Option<&str>, data_dir: &std::path::Path) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
@@ -40,17 +43,6 @@ async fn devices_lifecycle_from_the_cli() {
     let url = pg.database_url();
     let run = |args: &[&str]| sluice(args, Some(&url), tmp.path());
     let db = sqlx::PgPool::connect(&url).await.unwrap();
-    let hash_of = |id: &'static str| {
-        let db = db.clone();
-        async move {
-            sqlx::query_scalar::<_, String>("SELECT secret_hash FROM devices WHERE id = $1")
-                .bind(id)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-        }
-    };
-
     let secret = ok(&run(&[
         "devices",
         "create",
@@ -61,7 +53,7 @@ async fn devices_lifecycle_from_the_cli() {
     .trim()
     .to_owned();
     assert_eq!(secret.len(), 32);
-    let hash = hash_of("dev-1").await;
+    let hash = stored_secret_hash(&db, "dev-1").await;
     assert!(
         sluice_ingest::devices::verify_secret(&secret, &hash),
         "only the hash is stored, and it matches"
@@ -102,7 +94,7 @@ async fn devices_lifecycle_from_the_cli() {
         .trim()
         .to_owned();
     assert_ne!(rotated, secret);
-    let hash = hash_of("dev-1").await;
+    let hash = stored_secret_hash(&db, "dev-1").await;
     assert!(sluice_ingest::devices::verify_secret(&rotated, &hash));
     assert!(
         !sluice_ingest::devices::verify_secret(&secret, &hash),

@@ -1,7 +1,7 @@
 //! `sluice.v1.Admin`: the device registry over gRPC, with the same naming,
 //! errors and paging as `Telemetry`.
 
-use super::telemetry::to_timestamp;
+use super::telemetry::{checked_page_size, to_timestamp};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sluice_ingest::devices::{self, DeviceError};
@@ -54,15 +54,7 @@ impl Admin for AdminService {
         request: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
         let r = request.into_inner();
-        let limit = match r.limit {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(Status::invalid_argument(format!(
-                    "limit {n} is over the maximum page size of {MAX_PAGE_SIZE}"
-                )));
-            }
-            n => n,
-        };
+        let limit = checked_page_size(r.limit, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
         let after = decode_token(&r.page_token)?;
         let mut rows = devices::list_page(&self.pool, &r.id_prefix, after.as_deref(), limit + 1)
             .await

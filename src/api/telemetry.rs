@@ -148,10 +148,16 @@ fn bad_token() -> Status {
 }
 
 fn page_size(limit: u32) -> Result<u32, Status> {
+    checked_page_size(limit, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+}
+
+/// The page size a request's `limit` asks for: 0 means `default`, above
+/// `max` is refused (shared by every paged call of the API).
+pub(super) fn checked_page_size(limit: u32, default: u32, max: u32) -> Result<u32, Status> {
     match limit {
-        0 => Ok(DEFAULT_PAGE_SIZE),
-        n if n > MAX_PAGE_SIZE => Err(Status::invalid_argument(format!(
-            "limit {n} is over the maximum page size of {MAX_PAGE_SIZE}; page with page_token instead"
+        0 => Ok(default),
+        n if n > max => Err(Status::invalid_argument(format!(
+            "limit {n} is over the maximum page size of {max}; page with page_token instead"
         ))),
         n => Ok(n),
     }

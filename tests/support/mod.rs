@@ -249,6 +249,15 @@ impl Sluice {
     }
 }
 
+/// The secret hash the registry stored for a device.
+pub async fn stored_secret_hash(db: &sqlx::PgPool, id: &str) -> String {
+    sqlx::query_scalar("SELECT secret_hash FROM devices WHERE id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
 /// Follows `next_page_token` until the last page.
 async fn collect_pages<T, F, Fut>(mut fetch: F) -> Vec<T>
 where
