@@ -46,7 +46,6 @@ pub struct Broker {
     connections: Option<tokio::runtime::Runtime>,
     consumer: consumer::ConsumerHandle,
     publisher: Publisher,
-    listen: SocketAddr,
 }
 
 impl Broker {
@@ -99,14 +98,9 @@ impl Broker {
                 connections: Some(connections),
                 consumer,
                 publisher,
-                listen,
             },
             rx,
         ))
-    }
-
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
     }
 
     pub fn publisher(&self) -> Publisher {

@@ -57,13 +57,6 @@ pub struct Sink {
 pub struct WriterStopped;
 
 impl Sink {
-    pub async fn send(&self, records: Vec<Record>) -> Result<(), WriterStopped> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.tx.send(records).await.map_err(|_| WriterStopped)
-    }
-
     /// For callers on plain threads (the rules pipeline); blocks while the queue is full.
     pub fn blocking_send(&self, records: Vec<Record>) -> Result<(), WriterStopped> {
         if records.is_empty() {
