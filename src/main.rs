@@ -6,6 +6,7 @@ mod config;
 mod database;
 mod devices_cmd;
 mod pipeline;
+mod registry;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -35,6 +36,15 @@ struct Flags {
     /// MQTT 3.1.1 listener [default: 0.0.0.0:1883]
     #[arg(long, global = true)]
     mqtt_listen: Option<SocketAddr>,
+    /// MQTT over TLS listener, started when broker.tls is configured [default: 0.0.0.0:8883]
+    #[arg(long, global = true)]
+    mqtts_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket listener, path /mqtt [default: 0.0.0.0:8083]
+    #[arg(long, global = true)]
+    ws_listen: Option<SocketAddr>,
+    /// Let MQTT clients in without credentials (development only)
+    #[arg(long, global = true)]
+    allow_anonymous: bool,
     /// gRPC API listener [default: 0.0.0.0:50051]
     #[arg(long, global = true)]
     grpc_listen: Option<SocketAddr>,
@@ -63,6 +73,9 @@ enum Command {
     /// Manage the device registry (uses the database exactly as `serve` does).
     #[command(subcommand)]
     Devices(devices_cmd::DevicesCommand),
+    /// Generate a secret for an application client and print it with its
+    /// Argon2id hash, for `broker.applications.NAME.secret_hash`.
+    SecretHash,
 }
 
 #[derive(Subcommand)]
@@ -78,9 +91,12 @@ impl Flags {
             database_url: self.database_url,
             grpc_listen: self.grpc_listen,
             metrics_listen: self.metrics_listen,
-            broker: self
-                .mqtt_listen
-                .map(|mqtt_listen| BrokerFlags { mqtt_listen }),
+            broker: Some(BrokerFlags {
+                mqtt_listen: self.mqtt_listen,
+                mqtts_listen: self.mqtts_listen,
+                ws_listen: self.ws_listen,
+                allow_anonymous: self.allow_anonymous.then_some(true),
+            }),
             rules: self.rules_dir.map(|dir| RulesFlags { dir }),
         }
     }
@@ -113,6 +129,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve => runtime()?.block_on(serve::serve(config)),
         Command::Devices(command) => runtime()?.block_on(devices_cmd::run(&config, command)),
+        Command::SecretHash => {
+            let secret = sluice_ingest::devices::generate_secret();
+            let hash = sluice_ingest::devices::hash_secret(&secret)?;
+            eprintln!(
+                "secret (shown once; give it to the application), then its hash for the config:"
+            );
+            println!("{secret}");
+            println!("{hash}");
+            Ok(())
+        }
     }
 }
 

@@ -1,82 +1,147 @@
-//! The pipeline thread: broker → rules → writer (and rule publishes back to
-//! the broker).
+//! The pipeline thread: spool → rules → writer (and rule publishes to the
+//! broker's subscribers and back into the rules).
 //!
 //! One plain thread, because rule functions are synchronous CPU work that
-//! must not stall the async runtime. It takes whatever messages are waiting
-//! (up to a batch), runs them through the rules and hands the outputs to the
-//! writer, blocking when the writer's queue is full: backpressure flows from
-//! the database to the broker's consumer.
+//! must not stall the async runtime. It reads the spool in order, a batch
+//! at a time, runs the batch through the rules, and hands the outputs to the
+//! writer with the batch's last spool sequence number as a mark. The writer
+//! reports the mark once those rows are committed, and only then may the
+//! spool forget the messages: a crash in between replays them.
+//!
+//! A rule publish is delivered to MQTT subscribers through the router and
+//! run through the rules again here, within the same batch, so its outputs
+//! are covered by the same mark. The hop limit bounds how often that repeats.
 
-use sluice_broker::{InboundMessage, Publisher};
+use sluice_broker::{ORIGIN_DEVICE, Publisher, SpoolReader, SpoolRecord};
 use sluice_ingest::{DeadLetterRecord, EventRecord, PointRecord, Record, Sink};
 use sluice_rules::{Message, Output, Processor, device_id_from_topic};
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tracing::{debug_span, error, warn};
+use std::time::Duration;
+use tracing::{debug_span, error, info, warn};
+
+/// How long one wait for spool records lasts before the loop checks again.
+const SPOOL_WAIT: Duration = Duration::from_millis(200);
+
+pub struct PipelineHandle {
+    pub thread: std::thread::JoinHandle<()>,
+    /// Fires once the records that were in the spool at start (a replay
+    /// after a crash) have been handed to the writer.
+    pub replayed: tokio::sync::oneshot::Receiver<u64>,
+}
 
 pub fn spawn(
-    rx: mpsc::Receiver<InboundMessage>,
+    spool: SpoolReader,
     processor: Processor,
     sink: Sink,
     publisher: Publisher,
     batch_max: usize,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
+    already_stored: u64,
+) -> std::io::Result<PipelineHandle> {
+    let (replayed_tx, replayed) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
         .name("pipeline".into())
-        .spawn(move || run(rx, processor, sink, publisher, batch_max.max(1)))
+        .spawn(move || {
+            run(
+                spool,
+                processor,
+                sink,
+                publisher,
+                batch_max.max(1),
+                already_stored,
+                replayed_tx,
+            )
+        })?;
+    Ok(PipelineHandle { thread, replayed })
 }
 
 fn run(
-    mut rx: mpsc::Receiver<InboundMessage>,
+    mut spool: SpoolReader,
     mut processor: Processor,
     sink: Sink,
     publisher: Publisher,
     batch_max: usize,
+    already_stored: u64,
+    replayed: tokio::sync::oneshot::Sender<u64>,
 ) {
-    let mut messages = Vec::with_capacity(batch_max);
+    let replay_end = spool.replay_end();
+    let mut replayed = Some(replayed);
+    if replay_end <= already_stored {
+        finish_replay(&mut replayed, replay_end);
+    }
     let mut outputs = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        messages.push(to_rule_message(first));
-        while messages.len() < batch_max {
-            match rx.try_recv() {
-                Ok(m) => messages.push(to_rule_message(m)),
-                Err(_) => break,
+    loop {
+        let batch = match spool.next_batch(batch_max, SPOOL_WAIT) {
+            Ok(batch) => batch,
+            Err(sluice_broker::spool::SpoolError::Closed) => return,
+            Err(e) => {
+                // The spool cannot be read past this point; retrying keeps
+                // everything after it on disk rather than skipping it.
+                error!(error = %e, "cannot read the spool; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
             }
+        };
+        let Some(mark) = batch.last().map(|r| r.seq) else {
+            continue;
+        };
+        let mut messages: Vec<Message> = batch.into_iter().map(to_rule_message).collect();
+        let span = debug_span!("pipeline_batch", messages = messages.len(), mark).entered();
+        let mut records = Vec::new();
+        while !messages.is_empty() {
+            processor.process(&messages, &mut outputs);
+            let received_at = messages[0].received_at;
+            messages = route_outputs(&mut outputs, received_at, &publisher, &mut records);
         }
-        let span = debug_span!("pipeline_batch", messages = messages.len()).entered();
-        processor.process(&messages, &mut outputs);
-        let records = route_outputs(&mut outputs, &messages, &publisher);
         drop(span);
-        messages.clear();
-        if sink.blocking_send(records).is_err() {
+        if sink.blocking_send_marked(records, mark).is_err() {
             // Only possible if the writer task died: nothing can be stored any more.
             error!("the writer has stopped; the pipeline stops");
             return;
         }
+        if replayed.is_some() && mark >= replay_end {
+            info!(up_to = replay_end, "spool replay handed to the writer");
+            finish_replay(&mut replayed, replay_end);
+        }
     }
 }
 
-fn to_rule_message(m: InboundMessage) -> Message {
+fn finish_replay(replayed: &mut Option<tokio::sync::oneshot::Sender<u64>>, up_to: u64) {
+    if let Some(tx) = replayed.take() {
+        let _ = tx.send(up_to);
+    }
+}
+
+fn to_rule_message(r: SpoolRecord) -> Message {
+    // A device's messages belong to the device that authenticated, whatever
+    // the topic says; the ACL kept it to its own topics anyway. Applications
+    // and (development-mode) anonymous clients speak for the device their
+    // topic names.
+    let device_id = if r.origin_kind == ORIGIN_DEVICE {
+        Some(Arc::from(r.origin_id.as_str()))
+    } else {
+        device_id_from_topic(&r.topic).map(Arc::from)
+    };
     Message {
-        device_id: device_id_from_topic(&m.topic).map(Arc::from),
-        topic: m.topic,
-        payload: m.payload,
-        received_at: m.received_at,
-        // rumqttd's local link does not expose the publish QoS or retain flag
-        // (see shared notes); the device-edge work will carry them.
-        qos: 0,
-        retain: false,
-        hops: m.hops,
+        device_id,
+        received_at: chrono::DateTime::from_timestamp_micros(r.received_at_us)
+            .unwrap_or_else(chrono::Utc::now),
+        topic: r.topic,
+        payload: r.payload,
+        qos: r.qos,
+        retain: r.retain,
+        hops: r.hops,
     }
 }
 
-/// Turns outputs into records for the writer and performs rule publishes.
+/// Turns outputs into records for the writer and performs rule publishes;
+/// returns the published messages, which go through the rules next.
 fn route_outputs(
     outputs: &mut Vec<Output>,
-    messages: &[Message],
+    received_at: chrono::DateTime<chrono::Utc>,
     publisher: &Publisher,
-) -> Vec<Record> {
-    let mut records = Vec::with_capacity(outputs.len());
+    records: &mut Vec<Record>,
+) -> Vec<Message> {
+    let mut published = Vec::new();
     for output in outputs.drain(..) {
         match output {
             Output::Point {
@@ -121,21 +186,27 @@ fn route_outputs(
             Output::Publish {
                 topic,
                 payload,
-                qos: _,
+                qos,
                 retain,
                 hops,
             } => {
                 metrics::counter!("sluice_rule_publishes_total").increment(1);
-                if let Err(e) = publisher.publish(&topic, payload.clone(), retain, hops) {
+                published.push(Message {
+                    device_id: device_id_from_topic(&topic).map(Arc::from),
+                    topic: topic.clone(),
+                    payload: bytes::Bytes::from(payload.clone()),
+                    received_at: chrono::Utc::now(),
+                    qos,
+                    retain,
+                    hops,
+                });
+                if let Err(e) = publisher.publish(&topic, payload.clone(), retain) {
                     // Keep what the rule wanted to say rather than lose it.
                     warn!(%topic, error = %e, "rule publish failed; stored as a dead letter");
                     records.push(Record::DeadLetter(DeadLetterRecord {
                         device_id: None,
                         topic,
-                        received_at: messages
-                            .first()
-                            .map(|m| m.received_at)
-                            .unwrap_or_else(chrono::Utc::now),
+                        received_at,
                         rule: None,
                         reason: format!("rule publish failed: {e}"),
                         payload,
@@ -144,5 +215,5 @@ fn route_outputs(
             }
         }
     }
-    records
+    published
 }

@@ -1,15 +1,21 @@
 //! `sluice serve`: start every part, wait for a signal, stop in order.
 //!
+//! Start-up order: the broker opens the spool and binds its listeners, the
+//! pipeline replays whatever the spool held from before (a crash), and only
+//! then does the broker accept connections.
+//!
 //! Shutdown order is what makes "flush every batch" true: first the broker
-//! stops accepting and closes device connections, then its consumer forwards
-//! what the router still holds, the pipeline finishes those messages, the
-//! writer flushes its last batch, and only then do the API, the pool and the
-//! managed PostgreSQL go away.
+//! stops accepting and closes client connections (after sending the acks of
+//! what is durable), which closes the spool; the pipeline finishes what the
+//! spool holds, the writer flushes its last batch, the spool's checkpoint is
+//! saved, and only then do the API, the pool and the managed PostgreSQL go
+//! away.
 
 use crate::api;
 use crate::config::Config;
 use crate::database::Database;
 use crate::pipeline;
+use crate::registry::PgDeviceRegistry;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use sluice_broker::Broker;
@@ -31,7 +37,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
-    let (sink, mut writer) = sluice_ingest::spawn_writer(pool.clone(), config.ingest.clone());
+    if config.broker.allow_anonymous {
+        warn!("anonymous MQTT clients are allowed (--allow-anonymous): for development only");
+    }
+    let broker_cfg = config.broker.clone();
+    let registry = Arc::new(PgDeviceRegistry::new(pool.clone()));
+    let spool_dir = config.data_dir.join("spool");
+    let (mut broker, spool) =
+        tokio::task::spawn_blocking(move || Broker::start(&broker_cfg, registry, &spool_dir))
+            .await??;
+    let checkpoint = spool.checkpoint.clone();
+    let stored = checkpoint.clone();
+    let (sink, mut writer) = sluice_ingest::spawn_writer(
+        pool.clone(),
+        config.ingest.clone(),
+        Some(Box::new(move |mark| stored.advance(mark))),
+    );
 
     let rules_cfg = &config.rules;
     std::fs::create_dir_all(&rules_cfg.dir).with_context(|| {
@@ -63,16 +84,21 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         },
     );
 
-    let broker_cfg = config.broker.clone();
-    let (broker, inbound) =
-        tokio::task::spawn_blocking(move || Broker::start(&broker_cfg)).await??;
     let pipeline = pipeline::spawn(
-        inbound,
+        spool.reader,
         processor,
         sink,
         broker.publisher(),
         rules_cfg.batch_size,
+        checkpoint.checkpointed(),
     )?;
+    // New traffic waits until what the spool held from before is replayed.
+    if let Ok(up_to) = pipeline.replayed.await
+        && up_to > checkpoint.checkpointed()
+    {
+        info!(up_to, "spool replayed");
+    }
+    broker.accept();
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
@@ -84,6 +110,7 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
 
     info!(
         mqtt = %config.broker.mqtt_listen,
+        anonymous = config.broker.allow_anonymous,
         grpc = %config.grpc_listen,
         metrics = %config.metrics_listen,
         "sluice is ready"
@@ -106,12 +133,16 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         }
     }
 
+    let pipeline_thread = pipeline.thread;
     tokio::task::spawn_blocking(move || {
         broker.shutdown();
-        let _ = pipeline.join();
+        let _ = pipeline_thread.join();
     })
     .await?;
     writer.await?;
+    if let Err(e) = checkpoint.flush() {
+        warn!(error = %e, "cannot save the spool checkpoint; the next start replays more");
+    }
     info!("every batch flushed");
     let _ = grpc_stop_tx.send(());
     grpc.await??;

@@ -1,32 +1,42 @@
-//! The embedded MQTT broker: rumqttd's router and MQTT 3.1.1 listener inside
-//! the Sluice process, plus the in-process consumer that hands every
-//! published message to the pipeline.
+//! The MQTT side of Sluice: the device edge, the rumqttd router behind it,
+//! and the write-ahead spool that feeds the pipeline.
 //!
-//! - [`config`]: listener address and every limit, with defaults.
-//! - [`consumer`]: the `#` subscriber that feeds the pipeline's channel.
-//! - [`publisher`]: sends rule outputs back through the router.
+//! - [`edge`]: Sluice's own listeners (TCP, TLS, WebSocket). They
+//!   authenticate every client, enforce its ACL and limits, append each
+//!   accepted publish to the spool and acknowledge it once durable.
+//! - [`spool`]: the durable queue between the edge and the pipeline.
+//! - rumqttd's router delivers messages to MQTT subscribers (retained
+//!   messages, sessions, QoS towards subscribers); [`publisher`] puts
+//!   Sluice's own messages (rule outputs, presence) into it.
+//! - [`acl`], [`limits`], [`transport`]: policies, rate and topic limits,
+//!   TLS and WebSocket.
 //!
-//! The listener and all device connections run on a dedicated tokio runtime,
-//! so stopping it ([`Broker::stop_accepting`]) closes every device connection
-//! at once, before the pipeline drains.
+//! Connections run on a dedicated tokio runtime so that stopping the broker
+//! closes all of them at once, before the pipeline drains the spool.
 
+pub mod acl;
 pub mod config;
-pub mod consumer;
+pub mod edge;
+pub mod limits;
 pub mod publisher;
+pub mod spool;
+pub mod transport;
 
-pub use config::BrokerConfig;
-pub use consumer::InboundMessage;
+pub use config::{ApplicationConfig, BrokerConfig};
+pub use edge::auth::{BoxFuture, DeviceCredential, DeviceRegistry, Principal};
+pub use edge::connection::{ORIGIN_ANONYMOUS, ORIGIN_APPLICATION, ORIGIN_DEVICE};
 pub use publisher::Publisher;
+pub use spool::{SpoolCheckpoint, SpoolConfig, SpoolReader, SpoolRecord};
 
+use edge::{EdgeShared, LinkFactory, Listener};
 use rumqttd::local::LinkBuilder;
-use rumqttd::protocol::v4::V4;
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
-use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use rumqttd::{Router, RouterConfig};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
-use tracing::{error, info};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -35,130 +45,155 @@ pub enum BrokerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("broker configuration: {0}")]
+    Config(String),
     #[error("the broker's router refused a local link: {0}")]
     Link(String),
+    #[error("spool: {0}")]
+    Spool(#[from] spool::SpoolError),
     #[error("cannot start the broker runtime: {0}")]
     Runtime(#[from] std::io::Error),
 }
 
+/// What the pipeline reads: the spool's records, and where it reports what
+/// has been stored.
+pub struct SpoolOutput {
+    pub reader: SpoolReader,
+    pub checkpoint: SpoolCheckpoint,
+}
+
 pub struct Broker {
-    /// Runs the listener and every device connection; dropping it closes them all.
+    /// Runs the listeners and every connection; dropping it closes them all.
     connections: Option<tokio::runtime::Runtime>,
-    consumer: consumer::ConsumerHandle,
+    shared: Option<Arc<EdgeShared>>,
+    listeners: Vec<Listener>,
     publisher: Publisher,
 }
 
 impl Broker {
-    /// Starts the router, the consumer and the MQTT listener. Returns the
-    /// broker and the channel every accepted message arrives on.
+    /// Opens the spool, starts the router and binds the listeners (so a
+    /// taken port fails here), but accepts no connection until
+    /// [`Broker::accept`]: the caller first lets the pipeline replay what
+    /// the spool held from before.
     pub fn start(
         config: &BrokerConfig,
-    ) -> Result<(Self, mpsc::Receiver<InboundMessage>), BrokerError> {
-        // rumqttd's listener logs a bind failure and carries on; check first
-        // so a taken port is an error the operator sees.
-        let listen = config.mqtt_listen;
-        TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
-            addr: listen,
-            source,
-        })?;
+        registry: Arc<dyn DeviceRegistry>,
+        spool_dir: &Path,
+    ) -> Result<(Self, SpoolOutput), BrokerError> {
+        let acl = acl::Acl::new(&config.acl).map_err(|e| BrokerError::Config(e.to_string()))?;
+        for (name, app) in &config.applications {
+            if !acl.has_policy(&app.policy) {
+                return Err(BrokerError::Config(format!(
+                    "application `{name}` uses policy `{}`, which acl.policies does not define",
+                    app.policy
+                )));
+            }
+        }
+        let spool_dir = config.spool.dir.as_deref().unwrap_or(spool_dir);
+        let (appender, reader, checkpoint) = spool::open(&config.spool, spool_dir)?;
 
         let router_tx = Router::new(0, router_config(config)).spawn();
-        let hops = Arc::new(publisher::HopLedger::default());
-        let (tx, rx) = mpsc::channel(config.queue_messages.max(1));
-        let link = |client_id: &str| {
-            LinkBuilder::new(client_id, router_tx.clone())
-                .clean_session(true)
+        let links: LinkFactory = Arc::new(move |client_id: &str, clean: bool| {
+            let (tx, rx, ack) = LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(clean)
+                .dynamic_filters(true)
                 .build()
-                .map(|(tx, rx, _connack)| (tx, rx))
-                .map_err(|e| BrokerError::Link(e.to_string()))
-        };
-        // Local links share the client-id namespace with devices, and rumqttd
-        // forbids `$` in ids; a random suffix keeps a device from taking over
-        // (and so disconnecting) Sluice's own links.
-        let nonce = local_link_nonce();
-        let consumer =
-            consumer::spawn(link(&format!("sluice-pipeline-{nonce}"))?, tx, hops.clone())?;
+                .map_err(|e| e.to_string())?;
+            let session_present = match Option::<rumqttd::protocol::Packet>::from(ack) {
+                Some(rumqttd::protocol::Packet::ConnAck(a, _)) => a.session_present,
+                _ => false,
+            };
+            Ok((tx, rx, session_present))
+        });
+        // Sluice's own link shares the client-id namespace with clients;
+        // the edge prefixes every client's id (`d:`, `a:`, `x:`), so no
+        // client can take this one over.
+        let (ptx, prx, _) = links("sluice-publisher", true).map_err(BrokerError::Link)?;
+        let publisher = Publisher::new((ptx, prx))?;
 
         let connections = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.connection_threads.max(1))
             .thread_name("mqtt-conn")
             .enable_all()
             .build()?;
-        let publisher = Publisher::new(link(&format!("sluice-rules-{nonce}"))?, hops)?;
-
-        let mut server = Server::new(server_settings(config), router_tx, V4);
-        connections.spawn(async move {
-            if let Err(e) = server.start(LinkType::Remote).await {
-                error!(error = %e, "MQTT listener stopped");
-            }
+        let listeners = {
+            let _runtime = connections.enter();
+            edge::bind_listeners(config)?
+        };
+        let auth = edge::auth::Authenticator::new(config, registry);
+        let shared = Arc::new(EdgeShared {
+            config: config.clone(),
+            auth,
+            acl,
+            links,
+            spool: appender,
+            publisher: publisher.clone(),
+            presence: Default::default(),
+            connections: AtomicUsize::new(0),
+            shutdown: tokio::sync::watch::channel(false).0,
         });
-        info!(%listen, "MQTT 3.1.1 listener started");
         Ok((
             Self {
                 connections: Some(connections),
-                consumer,
+                shared: Some(shared),
+                listeners,
                 publisher,
             },
-            rx,
+            SpoolOutput { reader, checkpoint },
         ))
+    }
+
+    /// Starts accepting connections on every listener.
+    pub fn accept(&mut self) {
+        let (Some(rt), Some(shared)) = (&self.connections, &self.shared) else {
+            return;
+        };
+        for listener in self.listeners.drain(..) {
+            rt.spawn(edge::accept_loop(shared.clone(), listener));
+        }
     }
 
     pub fn publisher(&self) -> Publisher {
         self.publisher.clone()
     }
 
-    /// Stops the listener and closes every device connection.
-    pub fn stop_accepting(&mut self) {
+    /// Stops the listeners and closes every connection, after sending the
+    /// acks of what is already durable. Dropping the edge then closes the
+    /// spool, and the pipeline drains it.
+    pub fn shutdown(mut self) {
+        if let Some(shared) = self.shared.take() {
+            let _ = shared.shutdown.send(true);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while shared.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.listeners.clear();
         if let Some(rt) = self.connections.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
-            info!("MQTT listener and device connections closed");
+            info!("MQTT listeners and client connections closed");
         }
-    }
-
-    /// Stops accepting, then lets the consumer forward what the router still
-    /// holds until it has been idle for a moment, and closes the channel.
-    pub fn shutdown(mut self) {
-        self.stop_accepting();
-        self.consumer.drain_and_stop();
     }
 }
 
-fn local_link_nonce() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::UNIX_EPOCH
-            .elapsed()
-            .map_or(0, |d| d.as_nanos()),
-    );
-    format!("{:016x}", h.finish())
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // Dropping a runtime from async code panics; an early-error path
+        // may drop the broker there, so never block here.
+        if let Some(rt) = self.connections.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn router_config(c: &BrokerConfig) -> RouterConfig {
     RouterConfig {
-        max_connections: c.max_connections + 16, // room for Sluice's own local links
+        max_connections: c.max_connections + 16, // room for Sluice's own link
         max_outgoing_packet_count: 200,
         max_segment_size: c.log_segment_bytes,
         max_segment_count: c.log_segment_count,
         custom_segment: None,
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
-    }
-}
-
-fn server_settings(c: &BrokerConfig) -> ServerSettings {
-    ServerSettings {
-        name: "mqtt".into(),
-        listen: c.mqtt_listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: ConnectionSettings {
-            connection_timeout_ms: c.connect_timeout_ms,
-            max_payload_size: c.max_payload_bytes,
-            max_inflight_count: c.max_inflight,
-            auth: None::<HashMap<String, String>>,
-            external_auth: None,
-            dynamic_filters: true,
-        },
     }
 }

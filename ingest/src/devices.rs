@@ -218,6 +218,36 @@ pub async fn credentials(pool: &PgPool, id: &str) -> Result<Option<(String, bool
     )
 }
 
+/// Records a connect (`online`) or a disconnect. A disconnect is ignored if
+/// the device connected again after `connected_at` (its newer connection
+/// is the one that counts).
+pub async fn record_presence(
+    pool: &PgPool,
+    id: &str,
+    online: bool,
+    at: DateTime<Utc>,
+    connected_at: DateTime<Utc>,
+) -> Result<(), DeviceError> {
+    if online {
+        sqlx::query("UPDATE devices SET online = true, last_connect_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(at)
+            .execute(pool)
+            .await?;
+    } else {
+        sqlx::query(
+            "UPDATE devices SET online = (last_connect_at > $3), last_disconnect_at = $2 \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(at)
+        .bind(connected_at)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ pub mod record;
 pub mod writer;
 
 pub use record::{DeadLetterRecord, EventRecord, PointRecord, Record};
-pub use writer::{Sink, WriterConfig, WriterStopped, spawn_writer};
+pub use writer::{OnStored, Sink, WriterConfig, WriterStopped, spawn_writer};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};

@@ -171,6 +171,7 @@ pub struct ManagedPostgres {
     password: String,
     started_by_us: bool,
     stopped: bool,
+    ephemeral: bool,
 }
 
 impl fmt::Debug for ManagedPostgres {
@@ -240,6 +241,19 @@ impl ManagedPostgres {
         // Only now: if the fast stop failed, Drop still gets to try an immediate one.
         self.stopped = true;
         Ok(())
+    }
+
+    /// Stops the server (`fast` or `immediate`), keeping everything needed
+    /// to [`resume`](Self::resume) it on the same port: for outage tests.
+    pub async fn suspend(&self, mode: &'static str) -> Result<(), ManagedError> {
+        let cluster = self.cluster.clone();
+        run_blocking(move || cluster.stop_server(mode)).await
+    }
+
+    /// Starts a [`suspend`](Self::suspend)ed server again on its old port.
+    pub async fn resume(&self) -> Result<(), ManagedError> {
+        let (cluster, port, ephemeral) = (self.cluster.clone(), self.port, self.ephemeral);
+        run_blocking(move || cluster.ensure_running(ephemeral, Some(port)).map(|_| ())).await
     }
 
     async fn ensure_database(&self) -> Result<(), ManagedError> {
@@ -375,7 +389,7 @@ fn start_blocking(data_dir: PathBuf, ephemeral: bool) -> Result<ManagedPostgres,
         run_as,
     };
     let password = cluster.ensure_initialized(ephemeral)?;
-    let (port, started_by_us) = cluster.ensure_running(ephemeral)?;
+    let (port, started_by_us) = cluster.ensure_running(ephemeral, None)?;
     drop(lock);
     Ok(ManagedPostgres {
         cluster,
@@ -383,6 +397,7 @@ fn start_blocking(data_dir: PathBuf, ephemeral: bool) -> Result<ManagedPostgres,
         password,
         started_by_us,
         stopped: false,
+        ephemeral,
     })
 }
 
@@ -573,7 +588,11 @@ impl Cluster {
     }
 
     /// Returns the port and whether we started the server (as opposed to finding it running).
-    fn ensure_running(&self, ephemeral: bool) -> Result<(u16, bool), ManagedError> {
+    fn ensure_running(
+        &self,
+        ephemeral: bool,
+        port: Option<u16>,
+    ) -> Result<(u16, bool), ManagedError> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match self.status()? {
@@ -607,7 +626,10 @@ impl Cluster {
 
         let mut attempt = 1;
         loop {
-            let port = pick_free_port()?;
+            let port = match port {
+                Some(p) => p,
+                None => pick_free_port()?,
+            };
             let log_offset = self.prepare_log()?;
             let mut options = format!(
                 "-p {port} -c listen_addresses={LISTEN_ADDRESS} -c unix_socket_directories=''"

@@ -6,7 +6,12 @@
 //! one transaction with binary COPY. A failed write is retried with backoff
 //! while the batch stays in memory; meanwhile the channel fills and the
 //! pipeline upstream blocks, so a database outage slows ingestion instead of
-//! losing data. (A durable spool for outages is the storage issue's job.)
+//! losing data.
+//!
+//! Each send may carry a *mark* (the spool sequence number of the last
+//! message whose records it holds). Once everything sent up to a mark is
+//! committed, the writer reports the mark through its `on_stored` callback,
+//! and the spool may forget those messages.
 
 use crate::pgcopy::{BinaryCopyWriter, sanitize_text};
 use crate::record::{DeadLetterRecord, EventRecord, PointRecord, Record};
@@ -49,8 +54,16 @@ impl Default for WriterConfig {
 /// after flushing what it holds.
 #[derive(Clone)]
 pub struct Sink {
-    tx: mpsc::Sender<Vec<Record>>,
+    tx: mpsc::Sender<Input>,
 }
+
+struct Input {
+    records: Vec<Record>,
+    mark: Option<u64>,
+}
+
+/// Called with a mark once every record sent up to it is committed.
+pub type OnStored = Box<dyn Fn(u64) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("the writer has stopped")]
@@ -62,17 +75,52 @@ impl Sink {
         if records.is_empty() {
             return Ok(());
         }
-        self.tx.blocking_send(records).map_err(|_| WriterStopped)
+        self.tx
+            .blocking_send(Input {
+                records,
+                mark: None,
+            })
+            .map_err(|_| WriterStopped)
+    }
+
+    /// Sends records (possibly none) with a mark to report once they and
+    /// everything sent before them are committed.
+    pub fn blocking_send_marked(
+        &self,
+        records: Vec<Record>,
+        mark: u64,
+    ) -> Result<(), WriterStopped> {
+        self.tx
+            .blocking_send(Input {
+                records,
+                mark: Some(mark),
+            })
+            .map_err(|_| WriterStopped)
     }
 }
 
-pub fn spawn_writer(pool: PgPool, config: WriterConfig) -> (Sink, JoinHandle<()>) {
+pub fn spawn_writer(
+    pool: PgPool,
+    config: WriterConfig,
+    on_stored: Option<OnStored>,
+) -> (Sink, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(config.queue_batches.max(1));
-    let handle = tokio::spawn(run(pool, config, rx));
+    let handle = tokio::spawn(run(pool, config, rx, on_stored));
     (Sink { tx }, handle)
 }
 
-async fn run(pool: PgPool, config: WriterConfig, mut rx: mpsc::Receiver<Vec<Record>>) {
+async fn run(
+    pool: PgPool,
+    config: WriterConfig,
+    mut rx: mpsc::Receiver<Input>,
+    on_stored: Option<OnStored>,
+) {
+    let report = |mark: &mut Option<u64>| {
+        if let (Some(m), Some(f)) = (mark.take(), on_stored.as_ref()) {
+            f(m);
+        }
+    };
+    let mut mark: Option<u64> = None;
     let flush_interval = Duration::from_millis(config.flush_interval_ms);
     let mut series = SeriesCache::default();
     let mut batch = Batch::default();
@@ -81,16 +129,26 @@ async fn run(pool: PgPool, config: WriterConfig, mut rx: mpsc::Receiver<Vec<Reco
         let deadline = oldest.map(|t| t + flush_interval);
         tokio::select! {
             received = rx.recv() => match received {
-                Some(records) => {
-                    oldest.get_or_insert_with(tokio::time::Instant::now);
-                    batch.extend(records);
+                Some(input) => {
+                    if input.mark.is_some() {
+                        mark = input.mark;
+                    }
+                    if !input.records.is_empty() {
+                        oldest.get_or_insert_with(tokio::time::Instant::now);
+                        batch.extend(input.records);
+                    }
                     if batch.rows() >= config.batch_rows {
                         flush(&pool, &mut series, &mut batch).await;
                         oldest = None;
                     }
+                    // Nothing waiting: whatever the mark covers is committed.
+                    if batch.rows() == 0 {
+                        report(&mut mark);
+                    }
                 }
                 None => {
                     flush(&pool, &mut series, &mut batch).await;
+                    report(&mut mark);
                     debug!("writer input closed; final batch flushed");
                     return;
                 }
@@ -98,6 +156,7 @@ async fn run(pool: PgPool, config: WriterConfig, mut rx: mpsc::Receiver<Vec<Reco
             _ = sleep_until_opt(deadline), if deadline.is_some() => {
                 flush(&pool, &mut series, &mut batch).await;
                 oldest = None;
+                report(&mut mark);
             }
         }
     }

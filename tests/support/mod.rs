@@ -13,9 +13,32 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
+/// How to start Sluice in a test.
+pub struct Options {
+    /// `--allow-anonymous`: most pipeline tests publish without credentials.
+    pub allow_anonymous: bool,
+    /// Extra environment (e.g. `SLUICE_BROKER__…` settings).
+    pub env: Vec<(String, String)>,
+    /// Written to `sluice.toml` in Sluice's working directory.
+    pub config_toml: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: true,
+            env: Vec::new(),
+            config_toml: None,
+        }
+    }
+}
+
 pub struct Sluice {
     child: Option<Child>,
+    options: Options,
     pub mqtt_port: u16,
+    pub mqtts_port: u16,
+    pub ws_port: u16,
     pub grpc_port: u16,
     pub metrics_port: u16,
     pub rules_dir: PathBuf,
@@ -37,6 +60,10 @@ impl Sluice {
     /// Starts PostgreSQL and Sluice; `prepare_rules` may fill the rules
     /// directory before Sluice first reads it.
     pub async fn start(prepare_rules: impl FnOnce(&Path)) -> Self {
+        Self::start_with(Options::default(), prepare_rules).await
+    }
+
+    pub async fn start_with(options: Options, prepare_rules: impl FnOnce(&Path)) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("sluice-test-")
             .tempdir()
@@ -47,39 +74,80 @@ impl Sluice {
         let rules_dir = tmp.path().join("rules");
         std::fs::create_dir_all(&rules_dir).unwrap();
         prepare_rules(&rules_dir);
-        let (mqtt_port, grpc_port, metrics_port) = (free_port(), free_port(), free_port());
         let log_path = tmp.path().join("sluice.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("serve")
-            .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
-            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--rules")
-            .arg(&rules_dir)
-            .env("DATABASE_URL", pg.database_url())
-            .env("RUST_LOG", "info,sluice=debug,sluice_rules=debug")
-            .env("SLUICE_RULES__LIMITS__TIMEOUT_MS", "100")
-            .current_dir(tmp.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn sluice");
+        if let Some(toml) = &options.config_toml {
+            std::fs::write(tmp.path().join("sluice.toml"), toml).unwrap();
+        }
         let db = sqlx::PgPool::connect(&pg.database_url()).await.unwrap();
         let mut s = Self {
-            child: Some(child),
-            mqtt_port,
-            grpc_port,
-            metrics_port,
+            child: None,
+            options,
+            mqtt_port: free_port(),
+            mqtts_port: free_port(),
+            ws_port: free_port(),
+            grpc_port: free_port(),
+            metrics_port: free_port(),
             rules_dir,
             log_path,
             pg,
             db,
             tmp,
         };
+        s.spawn();
         s.wait_ready().await;
         s
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Starts the `sluice serve` process; its output is appended to the log.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("serve")
+            .args(["--mqtt-listen", &format!("127.0.0.1:{}", self.mqtt_port)])
+            .args(["--mqtts-listen", &format!("127.0.0.1:{}", self.mqtts_port)])
+            .args(["--ws-listen", &format!("127.0.0.1:{}", self.ws_port)])
+            .args(["--grpc-listen", &format!("127.0.0.1:{}", self.grpc_port)])
+            .args([
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
+            .arg("--rules")
+            .arg(&self.rules_dir)
+            .env("DATABASE_URL", self.pg.database_url())
+            .env("RUST_LOG", "info,sluice=debug,sluice_rules=debug")
+            .env("SLUICE_RULES__LIMITS__TIMEOUT_MS", "100")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.tmp.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if self.options.allow_anonymous {
+            cmd.arg("--allow-anonymous");
+        }
+        self.child = Some(cmd.spawn().expect("spawn sluice"));
+    }
+
+    /// SIGKILL: no shutdown code runs, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Sluice again on the same ports, data directory and database.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill sluice first");
+        self.spawn();
+        self.wait_ready().await;
     }
 
     async fn wait_ready(&mut self) {
@@ -125,6 +193,14 @@ impl Sluice {
             .unwrap()
     }
 
+    /// A device that authenticates with its id and secret.
+    pub fn device_options(&self, id: &str, secret: &str) -> MqttOptions {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", self.mqtt_port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_credentials(id, secret);
+        opts
+    }
+
     /// A connected MQTT client whose event loop runs in the background.
     pub async fn mqtt(&self, client_id: &str) -> AsyncClient {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", self.mqtt_port);
@@ -150,6 +226,12 @@ impl Sluice {
 
     /// SIGTERM, then the process must exit 0 within the timeout.
     pub fn stop(mut self) -> String {
+        self.terminate();
+        self.log()
+    }
+
+    /// SIGTERM and wait for a clean exit, keeping the harness for a restart.
+    pub fn terminate(&mut self) {
         let mut child = self.child.take().unwrap();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
@@ -168,9 +250,11 @@ impl Sluice {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        let log = self.log();
-        assert!(status.success(), "sluice exited with {status}:\n{log}");
-        log
+        assert!(
+            status.success(),
+            "sluice exited with {status}:\n{}",
+            self.log()
+        );
     }
 
     /// Polls until `check` returns Some, or panics with the log after `timeout`.
@@ -292,6 +376,89 @@ pub struct DeadLetter {
     pub rule: Option<String>,
     pub reason: String,
     pub payload: Vec<u8>,
+}
+
+/// An MQTT connection driven in the background, whose incoming packets
+/// (and its end) the test reads one by one.
+pub struct MqttConn {
+    pub client: AsyncClient,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<Result<rumqttc::Packet, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Connects and waits for the CONNACK; Err carries the refusal or failure.
+pub async fn mqtt_connect(opts: MqttOptions) -> Result<MqttConn, String> {
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), eventloop.poll()).await {
+            Err(_) => return Err("no CONNACK within 15 s".into()),
+            Ok(Err(e)) => return Err(format!("{e:?}")),
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
+    let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => {
+                    if tx.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // No reconnect: the test wants to see the end.
+                    let _ = tx.send(Err(format!("{e:?}")));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(MqttConn {
+        client,
+        incoming,
+        task,
+    })
+}
+
+impl MqttConn {
+    /// The next incoming packet other than PINGRESP; Err when the connection ended.
+    pub async fn next(&mut self) -> Result<rumqttc::Packet, String> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), self.incoming.recv()).await {
+                Err(_) => panic!("nothing arrived within 15 s"),
+                Ok(None) => return Err("connection task ended".into()),
+                Ok(Some(Ok(rumqttc::Packet::PingResp))) => {}
+                Ok(Some(p)) => return p,
+            }
+        }
+    }
+
+    /// Skips acks until a PUBLISH arrives.
+    pub async fn next_publish(&mut self) -> rumqttc::Publish {
+        loop {
+            match self.next().await {
+                Ok(rumqttc::Packet::Publish(p)) => return p,
+                Ok(_) => {}
+                Err(e) => panic!("connection ended while waiting for a publish: {e}"),
+            }
+        }
+    }
+
+    /// Skips everything until the connection ends; returns why.
+    pub async fn closed(&mut self) -> String {
+        loop {
+            if let Err(e) = self.next().await {
+                return e;
+            }
+        }
+    }
+
+    /// Drops the socket without DISCONNECT, as a crashed device would.
+    pub fn kill(self) {
+        self.task.abort();
+    }
 }
 
 async fn drive(mut eventloop: EventLoop) {

@@ -1,0 +1,952 @@
+//! One client connection, from CONNECT to close.
+//!
+//! The edge speaks MQTT 3.1.1 to the client itself (rumqttc's packet codec)
+//! and uses a rumqttd router link only for what the router is good at:
+//! delivering messages to subscribers, with retained messages, sessions and
+//! QoS 1/2 towards them. Everything a client sends passes through here first:
+//! - CONNECT is authenticated and the client's ACL is bound;
+//! - a PUBLISH is checked (topic syntax, limits, ACL) and then appended to
+//!   the spool, which is the pipeline's only input; its PUBACK/PUBREC goes
+//!   out once the spool reports it durable;
+//! - SUBSCRIBE filters are checked one by one; refused ones get 0x80 and
+//!   never reach the router.
+//!
+//! Backpressure: the socket is read only while fewer than `max_inflight`
+//! acknowledgements are outstanding, the rate limit allows, and the spool
+//! accepts appends. A client that sends too fast sees slower acks, never
+//! loss.
+
+use super::EdgeShared;
+use super::auth::{AuthOutcome, Credentials, Principal};
+use super::presence::{self, DisconnectReason, ROUTER_PREFIX};
+use crate::acl::ClientAcl;
+use crate::limits::{TokenBucket, TopicLimits, check_topic_filter, check_topic_name};
+use crate::spool::{Durable, SpoolError, SpoolRecord};
+use crate::transport::DeviceStream;
+use bytes::BytesMut;
+use chrono::Utc;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use metrics::{counter, gauge};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{self as router, Protocol};
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, debug_span, warn};
+
+/// Origin kinds recorded with each spooled message.
+pub const ORIGIN_DEVICE: u8 = 1;
+pub const ORIGIN_APPLICATION: u8 = 2;
+pub const ORIGIN_ANONYMOUS: u8 = 3;
+
+/// Why the edge closed a connection, for the counter and the debug log.
+#[derive(Debug, thiserror::Error)]
+enum Violation {
+    #[error("malformed packet: {0}")]
+    Malformed(CodecError),
+    #[error("the first packet was not CONNECT, or a server-only packet arrived")]
+    NotConnect,
+    #[error("a second CONNECT")]
+    SecondConnect,
+    #[error("invalid topic {0}")]
+    BadTopic(String),
+    #[error("publish to `{0}` is not allowed by the client's policy")]
+    PublishDenied(String),
+    #[error("publish to the reserved topic `{0}`")]
+    ReservedTopic(String),
+    #[error("the spool failed: {0}")]
+    Spool(String),
+}
+
+impl Violation {
+    fn label(&self) -> &'static str {
+        match self {
+            Violation::Malformed(CodecError::PayloadSizeLimitExceeded(_)) => "oversized",
+            Violation::Malformed(_) => "malformed",
+            Violation::NotConnect => "not_connect",
+            Violation::SecondConnect => "second_connect",
+            Violation::BadTopic(_) => "bad_topic",
+            Violation::PublishDenied(_) => "publish_denied",
+            Violation::ReservedTopic(_) => "reserved_topic",
+            Violation::Spool(_) => "spool_error",
+        }
+    }
+}
+
+/// Reads whole packets off the socket and buffers replies.
+struct Wire {
+    io: DeviceStream,
+    read: BytesMut,
+    write: BytesMut,
+    max_packet: usize,
+}
+
+enum Read {
+    Packet(Packet),
+    Closed,
+}
+
+impl Wire {
+    fn new(io: DeviceStream, max_packet: usize) -> Self {
+        Self {
+            io,
+            // Small to start: idle connections are what there are most of.
+            read: BytesMut::with_capacity(512),
+            write: BytesMut::new(),
+            max_packet,
+        }
+    }
+
+    /// A packet already in the buffer, if there is a whole one.
+    fn decode(&mut self) -> Result<Option<Packet>, CodecError> {
+        match Packet::read(&mut self.read, self.max_packet) {
+            Ok(p) => Ok(Some(p)),
+            Err(CodecError::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Cancel-safe: the only await is `read_buf`, which reads nothing if
+    /// cancelled.
+    async fn read_packet(&mut self) -> Result<Read, ReadError> {
+        loop {
+            if let Some(p) = self.decode().map_err(ReadError::Codec)? {
+                return Ok(Read::Packet(p));
+            }
+            self.read.reserve(1024);
+            match self.io.read_buf(&mut self.read).await {
+                Ok(0) => return Ok(Read::Closed),
+                Ok(_) => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    fn queue(&mut self, packet: Packet) {
+        // Encoding our own well-formed replies cannot fail; the size bound
+        // does not apply to what the server sends.
+        if let Err(e) = packet.write(&mut self.write, usize::MAX) {
+            warn!(error = %e, "cannot encode a reply");
+        }
+    }
+
+    fn queue_router(&mut self, packet: router::Packet) {
+        if let Err(e) = router::v4::V4.write(packet, &mut self.write) {
+            warn!(error = %e, "cannot encode a router packet");
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.write.is_empty() {
+            self.io.write_all(&self.write).await?;
+            self.io.flush().await?;
+            self.write.clear();
+            if self.write.capacity() > 64 * 1024 {
+                self.write = BytesMut::new();
+            }
+        }
+        Ok(())
+    }
+}
+
+enum ReadError {
+    Codec(CodecError),
+    Io(std::io::Error),
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = (u16, QoS, Result<u64, SpoolError>)> + Send>>;
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve(
+    shared: Arc<EdgeShared>,
+    io: DeviceStream,
+    transport: &'static str,
+    certificate_cn: Option<String>,
+) {
+    let _count = ConnectionCount::new(&shared, transport);
+    let mut wire = Wire::new(io, shared.config.max_packet_bytes());
+    let connect_timeout = Duration::from_millis(shared.config.connect_timeout_ms.max(1));
+    let connect = match tokio::time::timeout(connect_timeout, wire.read_packet()).await {
+        Ok(Ok(Read::Packet(Packet::Connect(c)))) => c,
+        Ok(Ok(Read::Packet(_))) => return close(Violation::NotConnect, transport),
+        Ok(Ok(Read::Closed)) | Ok(Err(ReadError::Io(_))) => return,
+        Ok(Err(ReadError::Codec(e))) => return close(Violation::Malformed(e), transport),
+        Err(_) => {
+            counter!("sluice_connect_timeouts_total").increment(1);
+            debug!(transport, "no CONNECT in time; closed");
+            return;
+        }
+    };
+
+    let span = debug_span!("mqtt_connection", client_id = %connect.client_id, transport);
+    async move {
+        if _count.over_limit {
+            counter!("sluice_connections_refused_total", "reason" => "max_connections")
+                .increment(1);
+            return refuse(&mut wire, ConnectReturnCode::ServiceUnavailable).await;
+        }
+        let login = connect.login.as_ref();
+        let outcome = shared
+            .auth
+            .authenticate(Credentials {
+                client_id: &connect.client_id,
+                username: login.map(|l| l.username.as_str()),
+                password: login.map(|l| l.password.as_str()),
+                certificate_cn: certificate_cn.as_deref(),
+            })
+            .await;
+        let (principal, policy) = match outcome {
+            AuthOutcome::Accepted { principal, policy } => (principal, policy),
+            AuthOutcome::Refused { code, reason } => {
+                debug!(reason, ?code, "login refused");
+                return refuse(&mut wire, code).await;
+            }
+        };
+        let principal = match assign_client_id(principal, connect.clean_session) {
+            Some(p) => p,
+            None => return refuse(&mut wire, ConnectReturnCode::BadClientId).await,
+        };
+        let Some(acl) = shared
+            .acl
+            .bind(&policy, principal.client_id(), principal.username())
+        else {
+            debug!(policy, "policy refuses this client id");
+            return refuse(&mut wire, ConnectReturnCode::NotAuthorized).await;
+        };
+        if let Some(will) = &connect.last_will
+            && (check_topic_name(&will.topic, shared.topic_limits()).is_err()
+                || !acl.may_publish(&will.topic)
+                || will.topic.starts_with(ROUTER_PREFIX))
+        {
+            counter!("sluice_acl_denied_total", "action" => "will").increment(1);
+            debug!(topic = %will.topic, "will topic not allowed");
+            return refuse(&mut wire, ConnectReturnCode::NotAuthorized).await;
+        }
+
+        let router_id = principal.router_client_id();
+        let links = shared.links.clone();
+        let clean = connect.clean_session;
+        let built = tokio::task::spawn_blocking(move || links(&router_id, clean)).await;
+        let (link_tx, link_rx, session_present) = match built {
+            Ok(Ok(link)) => link,
+            Ok(Err(e)) => {
+                warn!(error = %e, "the router refused the connection");
+                return refuse(&mut wire, ConnectReturnCode::ServiceUnavailable).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "building the router link failed");
+                return refuse(&mut wire, ConnectReturnCode::ServiceUnavailable).await;
+            }
+        };
+
+        let connected_at = Utc::now();
+        let generation = match &principal {
+            Principal::Device { id } => {
+                let generation = shared.presence.connected(id);
+                if let Err(e) = shared
+                    .auth
+                    .registry()
+                    .record_presence(id, true, connected_at, connected_at)
+                    .await
+                {
+                    warn!(error = %e, "cannot record the connect in the registry");
+                }
+                presence::publish(&shared.publisher, id, true, connected_at, "connected");
+                Some(generation)
+            }
+            _ => None,
+        };
+        wire.queue(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            session_present && !clean,
+        )));
+        counter!("sluice_connections_accepted_total", "kind" => principal.kind()).increment(1);
+        debug!(kind = principal.kind(), "client connected");
+
+        let mut session = Session {
+            shared: shared.clone(),
+            principal,
+            acl,
+            link_tx,
+            link_rx,
+            wire,
+            pending: FuturesOrdered::new(),
+            awaiting_release: HashSet::new(),
+            presence_filters: Vec::new(),
+            dropped_qos2: HashSet::new(),
+            bucket: TokenBucket::new(
+                shared.config.max_publish_rate,
+                shared.config.publish_burst.max(1),
+                std::time::Instant::now(),
+            ),
+            throttled_until: None,
+            keep_alive: (connect.keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
+            will: connect.last_will,
+        };
+        let reason = session.run().await;
+        session.finish(reason, generation, connected_at).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Sends a refusing CONNACK and closes (MQTT 3.1.1 §3.2.2.3).
+async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
+    wire.queue(Packet::ConnAck(ConnAck::new(code, false)));
+    let _ = wire.flush().await;
+    let _ = wire.io.shutdown().await;
+}
+
+fn close(violation: Violation, transport: &'static str) {
+    counter!("sluice_connections_closed_total", "reason" => violation.label()).increment(1);
+    debug!(transport, %violation, "connection closed");
+}
+
+/// An empty client id is allowed only for a clean session of an anonymous
+/// client (§3.1.3.1); the server then makes one up.
+fn assign_client_id(principal: Principal, clean_session: bool) -> Option<Principal> {
+    match principal {
+        Principal::Anonymous { client_id } if client_id.is_empty() => {
+            clean_session.then(|| Principal::Anonymous {
+                client_id: format!("auto-{:016x}", rand_u64()),
+            })
+        }
+        p if p.client_id().is_empty() => None,
+        p => Some(p),
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::UNIX_EPOCH
+            .elapsed()
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// Counts live connections per transport; knows whether this one is over
+/// the limit.
+struct ConnectionCount {
+    shared: Arc<EdgeShared>,
+    transport: &'static str,
+    over_limit: bool,
+}
+
+impl ConnectionCount {
+    fn new(shared: &Arc<EdgeShared>, transport: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        let now = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        gauge!("sluice_connections", "transport" => transport).increment(1.0);
+        Self {
+            shared: shared.clone(),
+            transport,
+            over_limit: now > shared.config.max_connections,
+        }
+    }
+}
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.shared.connections.fetch_sub(1, Ordering::SeqCst);
+        gauge!("sluice_connections", "transport" => self.transport).decrement(1.0);
+    }
+}
+
+struct Session {
+    shared: Arc<EdgeShared>,
+    principal: Principal,
+    acl: ClientAcl,
+    link_tx: LinkTx,
+    link_rx: LinkRx,
+    wire: Wire,
+    /// Publishes waiting for the spool, in arrival order (the spool reports
+    /// durability in append order, so acks leave in order too).
+    pending: FuturesOrdered<AckFuture>,
+    /// QoS 2 packet ids stored and PUBREC'd, waiting for PUBREL: a
+    /// retransmitted PUBLISH with one of these ids is not stored twice.
+    awaiting_release: HashSet<u16>,
+    /// `$sluice/…` filters this client holds, for deliveries from the
+    /// router's `@sluice/…` namespace.
+    presence_filters: Vec<String>,
+    /// Router QoS 2 deliveries the edge withheld; their PUBREL is answered
+    /// here.
+    dropped_qos2: HashSet<u16>,
+    bucket: TokenBucket,
+    throttled_until: Option<Instant>,
+    keep_alive: Option<Duration>,
+    will: Option<LastWill>,
+}
+
+impl Session {
+    async fn run(&mut self) -> DisconnectReason {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let mut last_heard = Instant::now();
+        loop {
+            if let Err(e) = self.wire.flush().await {
+                debug!(error = %e, "write failed");
+                return DisconnectReason::ConnectionLost;
+            }
+            let can_read = self.pending.len() < self.shared.config.max_inflight.max(1)
+                && self.throttled_until.is_none_or(|t| Instant::now() >= t);
+            let throttle = self.throttled_until.filter(|_| !can_read);
+            let keep_alive = self.keep_alive.map(|k| last_heard + k);
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    self.drain_pending().await;
+                    return DisconnectReason::ServerShutdown;
+                }
+                Some((pkid, qos, result)) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(v) = self.acknowledge(pkid, qos, result) {
+                        return self.violation(v);
+                    }
+                }
+                notification = self.link_rx.next() => match notification {
+                    Ok(Some(n)) => {
+                        if let Some(reason) = self.deliver(n).await {
+                            return reason;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => return DisconnectReason::TakenOver,
+                },
+                read = self.wire.read_packet(), if can_read => {
+                    last_heard = Instant::now();
+                    match read {
+                        Ok(Read::Packet(p)) => {
+                            if let Some(reason) = self.handle_and_drain(p).await {
+                                return reason;
+                            }
+                        }
+                        Ok(Read::Closed) => return DisconnectReason::ConnectionLost,
+                        Err(ReadError::Io(e)) => {
+                            debug!(error = %e, "read failed");
+                            return DisconnectReason::ConnectionLost;
+                        }
+                        Err(ReadError::Codec(e)) => return self.violation(Violation::Malformed(e)),
+                    }
+                }
+                _ = sleep_until(throttle), if throttle.is_some() => {
+                    self.throttled_until = None;
+                }
+                _ = sleep_until(keep_alive), if keep_alive.is_some() => {
+                    return DisconnectReason::KeepAliveTimeout;
+                }
+            }
+        }
+    }
+
+    /// Handles a packet, then any more already buffered, while reading is allowed.
+    async fn handle_and_drain(&mut self, first: Packet) -> Option<DisconnectReason> {
+        let mut next = Some(first);
+        while let Some(packet) = next.take() {
+            match self.handle(packet).await {
+                Ok(Some(reason)) => return Some(reason),
+                Ok(None) => {}
+                Err(v) => return Some(self.violation(v)),
+            }
+            let can_read = self.pending.len() < self.shared.config.max_inflight.max(1)
+                && self.throttled_until.is_none();
+            if can_read {
+                match self.wire.decode() {
+                    Ok(p) => next = p,
+                    Err(e) => return Some(self.violation(Violation::Malformed(e))),
+                }
+            }
+        }
+        // Acks that are already durable go out with this write.
+        while let Some(Some((pkid, qos, result))) =
+            futures_util::FutureExt::now_or_never(self.pending.next())
+        {
+            if let Err(v) = self.acknowledge(pkid, qos, result) {
+                return Some(self.violation(v));
+            }
+        }
+        None
+    }
+
+    fn violation(&self, v: Violation) -> DisconnectReason {
+        counter!("sluice_connections_closed_total", "reason" => v.label()).increment(1);
+        debug!(violation = %v, "closing the connection");
+        DisconnectReason::ProtocolViolation
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<Option<DisconnectReason>, Violation> {
+        match packet {
+            Packet::Publish(p) => self.publish(p).await.map(|_| None),
+            Packet::PubAck(a) => {
+                self.send_to_router(router::Packet::PubAck(
+                    router::PubAck {
+                        pkid: a.pkid,
+                        reason: router::PubAckReason::Success,
+                    },
+                    None,
+                ))
+                .await;
+                Ok(None)
+            }
+            Packet::PubRec(r) => {
+                self.send_to_router(router::Packet::PubRec(
+                    router::PubRec {
+                        pkid: r.pkid,
+                        reason: router::PubRecReason::Success,
+                    },
+                    None,
+                ))
+                .await;
+                Ok(None)
+            }
+            Packet::PubComp(c) => {
+                self.send_to_router(router::Packet::PubComp(
+                    router::PubComp {
+                        pkid: c.pkid,
+                        reason: router::PubCompReason::Success,
+                    },
+                    None,
+                ))
+                .await;
+                Ok(None)
+            }
+            Packet::PubRel(r) => {
+                // Answer even an unknown id: the client may be retrying after
+                // a reconnect, and PUBCOMP is what lets it move on.
+                self.awaiting_release.remove(&r.pkid);
+                self.wire.queue(Packet::PubComp(PubComp::new(r.pkid)));
+                Ok(None)
+            }
+            Packet::Subscribe(s) => {
+                self.subscribe(s).await;
+                Ok(None)
+            }
+            Packet::Unsubscribe(u) => {
+                self.unsubscribe(u).await;
+                Ok(None)
+            }
+            Packet::PingReq => {
+                self.wire.queue(Packet::PingResp);
+                Ok(None)
+            }
+            Packet::Disconnect => Ok(Some(DisconnectReason::ClientDisconnect)),
+            Packet::Connect(_) => Err(Violation::SecondConnect),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(Violation::NotConnect)
+            }
+        }
+    }
+
+    async fn publish(&mut self, p: Publish) -> Result<(), Violation> {
+        if let Err(e) = check_topic_name(&p.topic, self.shared.topic_limits()) {
+            return Err(Violation::BadTopic(format!("{}: {e}", p.topic)));
+        }
+        if p.topic.starts_with(ROUTER_PREFIX) || p.topic.starts_with(presence::CLIENT_PREFIX) {
+            return Err(Violation::ReservedTopic(p.topic));
+        }
+        if !self.acl.may_publish(&p.topic) {
+            counter!("sluice_acl_denied_total", "action" => "publish").increment(1);
+            return Err(Violation::PublishDenied(p.topic));
+        }
+        if p.qos == QoS::ExactlyOnce && self.awaiting_release.contains(&p.pkid) {
+            // A retransmission of a message already stored: acknowledge again.
+            self.wire.queue(Packet::PubRec(PubRec::new(p.pkid)));
+            return Ok(());
+        }
+        if let Some(wait) = self.bucket.take(std::time::Instant::now()) {
+            counter!("sluice_publish_throttled_total").increment(1);
+            self.throttled_until = Some(Instant::now() + wait);
+        }
+
+        let durable = store(
+            &self.shared,
+            &self.principal,
+            &p.topic,
+            &p.payload,
+            p.qos,
+            p.retain,
+        )
+        .await?;
+        // Subscribers get the message as soon as it is accepted; the router
+        // stamps the delivery QoS from each subscription.
+        self.send_to_router(router::Packet::Publish(
+            router::Publish::new(
+                bytes::Bytes::from(p.topic.into_bytes()),
+                p.payload,
+                p.retain,
+            ),
+            None,
+        ))
+        .await;
+        counter!("sluice_messages_received_total", "qos" => qos_label(p.qos)).increment(1);
+
+        if p.qos == QoS::AtMostOnce {
+            return Ok(());
+        }
+        if p.qos == QoS::ExactlyOnce {
+            self.awaiting_release.insert(p.pkid);
+        }
+        let (pkid, qos) = (p.pkid, p.qos);
+        if self.shared.config.durable_acks {
+            self.pending
+                .push_back(Box::pin(async move { (pkid, qos, durable.await) }));
+        } else {
+            self.pending
+                .push_back(Box::pin(async move { (pkid, qos, Ok(0)) }));
+            tokio::spawn(async move {
+                let _ = durable.await;
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Appends to the spool; waits while the spool is full (backpressure).
+/// A free function: the session itself is not `Sync` (its socket is not).
+async fn store(
+    shared: &EdgeShared,
+    principal: &Principal,
+    topic: &str,
+    payload: &bytes::Bytes,
+    qos: QoS,
+    retain: bool,
+) -> Result<Durable, Violation> {
+    let (origin_kind, origin_id) = match principal {
+        Principal::Device { id } => (ORIGIN_DEVICE, id.clone()),
+        Principal::Application { name, .. } => (ORIGIN_APPLICATION, name.clone()),
+        Principal::Anonymous { client_id } => (ORIGIN_ANONYMOUS, client_id.clone()),
+    };
+    let record = SpoolRecord {
+        seq: 0,
+        received_at_us: Utc::now().timestamp_micros(),
+        origin_kind,
+        origin_id,
+        topic: topic.to_owned(),
+        payload: payload.clone(),
+        qos: qos as u8,
+        retain,
+        hops: 0,
+    };
+    shared
+        .spool
+        .append(record)
+        .await
+        .map_err(|e| Violation::Spool(e.to_string()))
+}
+
+impl Session {
+    fn acknowledge(
+        &mut self,
+        pkid: u16,
+        qos: QoS,
+        result: Result<u64, SpoolError>,
+    ) -> Result<(), Violation> {
+        if let Err(e) = result {
+            // Not durable: no ack, so the client will send it again.
+            return Err(Violation::Spool(e.to_string()));
+        }
+        match qos {
+            QoS::AtLeastOnce => self.wire.queue(Packet::PubAck(PubAck::new(pkid))),
+            QoS::ExactlyOnce => self.wire.queue(Packet::PubRec(PubRec::new(pkid))),
+            QoS::AtMostOnce => {}
+        }
+        Ok(())
+    }
+
+    /// At shutdown, the acks of what is already being written still go out.
+    async fn drain_pending(&mut self) {
+        while let Some((pkid, qos, result)) = self.pending.next().await {
+            if self.acknowledge(pkid, qos, result).is_err() {
+                break;
+            }
+        }
+        let _ = self.wire.flush().await;
+    }
+
+    async fn subscribe(&mut self, s: rumqttc::mqttbytes::v4::Subscribe) {
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut allowed = Vec::new();
+        for f in s.filters {
+            let granted = match f.qos {
+                QoS::AtMostOnce => router::QoS::AtMostOnce,
+                QoS::AtLeastOnce => router::QoS::AtLeastOnce,
+                QoS::ExactlyOnce => router::QoS::ExactlyOnce,
+            };
+            match self.check_filter(&f.path) {
+                Some(router_filter) => {
+                    codes.push(SubscribeReasonCode::Success(f.qos));
+                    if router_filter.starts_with(ROUTER_PREFIX) {
+                        self.presence_filters.push(f.path.clone());
+                    }
+                    allowed.push(router::Filter {
+                        path: router_filter,
+                        qos: granted,
+                        nolocal: false,
+                        preserve_retain: false,
+                        retain_forward_rule: router::RetainForwardRule::OnEverySubscribe,
+                    });
+                }
+                None => codes.push(SubscribeReasonCode::Failure),
+            }
+        }
+        // Our SUBACK goes out before the router can send retained messages
+        // for the new subscriptions; the router's own SubAck is discarded.
+        self.wire.queue(Packet::SubAck(SubAck::new(s.pkid, codes)));
+        if !allowed.is_empty() {
+            self.send_to_router(router::Packet::Subscribe(
+                router::Subscribe {
+                    pkid: s.pkid,
+                    filters: allowed,
+                },
+                None,
+            ))
+            .await;
+        }
+    }
+
+    /// The filter as the router should see it, or None if refused.
+    fn check_filter(&self, filter: &str) -> Option<String> {
+        // A shared subscription is judged by the filter it shares.
+        let (share, inner) = match filter.strip_prefix("$share/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((group, inner)) if !group.is_empty() => (Some(group), inner),
+                _ => return self.refuse_filter(filter),
+            },
+            None => (None, filter),
+        };
+        if check_topic_filter(inner, self.shared.topic_limits()).is_err()
+            || inner.starts_with(ROUTER_PREFIX)
+            || !self.acl.may_subscribe(inner)
+        {
+            return self.refuse_filter(filter);
+        }
+        let translated = presence::to_router(inner).unwrap_or_else(|| inner.to_owned());
+        Some(match share {
+            Some(group) => format!("$share/{group}/{translated}"),
+            None => translated,
+        })
+    }
+
+    fn refuse_filter(&self, filter: &str) -> Option<String> {
+        counter!("sluice_acl_denied_total", "action" => "subscribe").increment(1);
+        debug!(filter, "subscription refused");
+        None
+    }
+
+    async fn unsubscribe(&mut self, u: rumqttc::mqttbytes::v4::Unsubscribe) {
+        let mut filters = Vec::with_capacity(u.topics.len());
+        for t in u.topics {
+            self.presence_filters.retain(|f| f != &t);
+            filters.push(presence::to_router(&t).unwrap_or(t));
+        }
+        self.wire.queue(Packet::UnsubAck(UnsubAck::new(u.pkid)));
+        self.send_to_router(router::Packet::Unsubscribe(
+            router::Unsubscribe {
+                pkid: u.pkid,
+                filters,
+            },
+            None,
+        ))
+        .await;
+    }
+
+    async fn send_to_router(&mut self, packet: router::Packet) {
+        // `LinkTx::send` pushes to the link's buffer and notifies the router
+        // with a channel send that blocks only while the router's inbound
+        // queue (1,000 events) is full: backpressure from the router.
+        if let Err(e) = self.link_tx.send(packet).await {
+            debug!(error = %e, "router link closed");
+        }
+    }
+
+    /// Writes what the router sends this client. Returns a reason to close.
+    async fn deliver(&mut self, n: Notification) -> Option<DisconnectReason> {
+        let packet: Option<router::Packet> = match n {
+            Notification::Unschedule => {
+                if self.link_rx.wake().await.is_err() {
+                    return Some(DisconnectReason::TakenOver);
+                }
+                return None;
+            }
+            Notification::Disconnect(..) => return Some(DisconnectReason::TakenOver),
+            other => other.into(),
+        };
+        match packet? {
+            router::Packet::Publish(p, props) => {
+                if p.topic.starts_with(ROUTER_PREFIX.as_bytes()) {
+                    self.deliver_reserved(router::Packet::Publish(p, props))
+                        .await;
+                } else {
+                    self.wire.queue_router(router::Packet::Publish(p, props));
+                }
+            }
+            router::Packet::PubRel(r, props) => {
+                if self.dropped_qos2.remove(&r.pkid) {
+                    self.send_to_router(router::Packet::PubComp(
+                        router::PubComp {
+                            pkid: r.pkid,
+                            reason: router::PubCompReason::Success,
+                        },
+                        None,
+                    ))
+                    .await;
+                } else {
+                    self.wire.queue_router(router::Packet::PubRel(r, props));
+                }
+            }
+            // Replies to what the edge forwarded; the edge answered the
+            // client itself.
+            _ => {}
+        }
+        None
+    }
+
+    /// A message from the router's `@sluice/` namespace: delivered as
+    /// `$sluice/…` to clients that asked for it, withheld (and acknowledged
+    /// towards the router) from clients that only match it by a wildcard.
+    async fn deliver_reserved(&mut self, packet: router::Packet) {
+        // rumqttd keeps QoS and packet id private; encode, then decode with
+        // the client-side codec, whose fields are public.
+        let mut buf = BytesMut::new();
+        if router::v4::V4.write(packet, &mut buf).is_err() {
+            return;
+        }
+        let Ok(Packet::Publish(mut p)) = Packet::read(&mut buf, usize::MAX) else {
+            return;
+        };
+        let Some(topic) = presence::from_router(&p.topic) else {
+            return;
+        };
+        if self
+            .presence_filters
+            .iter()
+            .any(|f| crate::acl::filter_matches(f, &topic))
+        {
+            p.topic = topic;
+            self.wire.queue(Packet::Publish(p));
+            return;
+        }
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                self.send_to_router(router::Packet::PubAck(
+                    router::PubAck {
+                        pkid: p.pkid,
+                        reason: router::PubAckReason::Success,
+                    },
+                    None,
+                ))
+                .await
+            }
+            QoS::ExactlyOnce => {
+                self.dropped_qos2.insert(p.pkid);
+                self.send_to_router(router::Packet::PubRec(
+                    router::PubRec {
+                        pkid: p.pkid,
+                        reason: router::PubRecReason::Success,
+                    },
+                    None,
+                ))
+                .await
+            }
+        }
+    }
+
+    /// After the loop: the will, presence and the registry.
+    async fn finish(
+        mut self,
+        reason: DisconnectReason,
+        generation: Option<u64>,
+        connected_at: chrono::DateTime<Utc>,
+    ) {
+        let _ = self.wire.flush().await;
+        let _ = self.wire.io.shutdown().await;
+        if reason.publishes_will()
+            && let Some(will) = self.will.take()
+        {
+            self.publish_will(will).await;
+        }
+        counter!("sluice_disconnects_total", "reason" => reason.as_str()).increment(1);
+        debug!(reason = reason.as_str(), "client disconnected");
+        if let (Principal::Device { id }, Some(generation)) = (&self.principal, generation)
+            && self.shared.presence.disconnected(id, generation)
+        {
+            let at = Utc::now();
+            presence::publish(&self.shared.publisher, id, false, at, reason.as_str());
+            if let Err(e) = self
+                .shared
+                .auth
+                .registry()
+                .record_presence(id, false, at, connected_at)
+                .await
+            {
+                warn!(error = %e, "cannot record the disconnect in the registry");
+            }
+        }
+    }
+
+    /// The will goes where any publish from this client would: the spool
+    /// (so rules see it) and the router (so subscribers do).
+    async fn publish_will(&mut self, will: LastWill) {
+        let payload = will.message.clone();
+        if let Err(v) = store(
+            &self.shared,
+            &self.principal,
+            &will.topic,
+            &payload,
+            will.qos,
+            will.retain,
+        )
+        .await
+        {
+            warn!(violation = %v, "cannot store the will");
+            return;
+        }
+        counter!("sluice_wills_published_total").increment(1);
+        self.send_to_router(router::Packet::Publish(
+            router::Publish::new(
+                bytes::Bytes::from(will.topic.into_bytes()),
+                payload,
+                will.retain,
+            ),
+            None,
+        ))
+        .await;
+    }
+}
+
+fn qos_label(q: QoS) -> &'static str {
+    match q {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl EdgeShared {
+    pub(crate) fn topic_limits(&self) -> TopicLimits {
+        TopicLimits {
+            max_bytes: self.config.max_topic_bytes,
+            max_levels: self.config.max_topic_levels,
+        }
+    }
+}

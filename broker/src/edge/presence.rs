@@ -1,0 +1,149 @@
+//! Device presence: connects and disconnects, published as retained JSON on
+//! `$sluice/presence/{device_id}` and recorded in the device registry.
+//!
+//! rumqttd never matches a topic that starts with `$` against any filter
+//! (not even `$sluice/presence/+`), so inside the router the `$sluice/`
+//! namespace lives under [`ROUTER_PREFIX`]. The edge translates both ways and
+//! refuses client publishes and subscriptions that name the router prefix
+//! directly, so only Sluice can write there.
+//!
+//! A device that reconnects before its old connection is noticed gone has
+//! two connections for a moment; a per-device generation number makes sure
+//! only the newest one reports, so "offline" never follows a fresh "online".
+
+use crate::publisher::Publisher;
+use chrono::{DateTime, SecondsFormat, Utc};
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tracing::warn;
+
+/// The reserved MQTT namespace as clients see it.
+pub const CLIENT_PREFIX: &str = "$sluice/";
+/// The same namespace inside the router.
+pub const ROUTER_PREFIX: &str = "@sluice/";
+
+/// `$sluice/…` → `@sluice/…`; other topics and filters unchanged.
+pub fn to_router(topic: &str) -> Option<String> {
+    topic
+        .strip_prefix(CLIENT_PREFIX)
+        .map(|rest| format!("{ROUTER_PREFIX}{rest}"))
+}
+
+/// `@sluice/…` → `$sluice/…`.
+pub fn from_router(topic: &str) -> Option<String> {
+    topic
+        .strip_prefix(ROUTER_PREFIX)
+        .map(|rest| format!("{CLIENT_PREFIX}{rest}"))
+}
+
+/// Why a connection ended, as presence subscribers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The socket closed or failed without DISCONNECT.
+    ConnectionLost,
+    KeepAliveTimeout,
+    /// The client broke the protocol, the ACL or a limit.
+    ProtocolViolation,
+    /// Another connection took over the same client id.
+    TakenOver,
+    ServerShutdown,
+}
+
+impl DisconnectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientDisconnect => "client_disconnect",
+            Self::ConnectionLost => "connection_lost",
+            Self::KeepAliveTimeout => "keep_alive_timeout",
+            Self::ProtocolViolation => "protocol_violation",
+            Self::TakenOver => "taken_over",
+            Self::ServerShutdown => "server_shutdown",
+        }
+    }
+
+    /// MQTT 3.1.1 §3.1.2.5: the will is published unless the client said
+    /// DISCONNECT. A server shutdown is not the device's failure either.
+    pub fn publishes_will(self) -> bool {
+        !matches!(self, Self::ClientDisconnect | Self::ServerShutdown)
+    }
+}
+
+#[derive(Default)]
+pub struct PresenceTracker {
+    next_generation: AtomicU64,
+    current: DashMap<String, u64>,
+}
+
+impl PresenceTracker {
+    /// Marks `device` connected; returns this connection's generation.
+    pub fn connected(&self, device: &str) -> u64 {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.current.insert(device.to_owned(), generation);
+        generation
+    }
+
+    /// True if `generation` was still the device's newest connection (and
+    /// so should report the disconnect).
+    pub fn disconnected(&self, device: &str, generation: u64) -> bool {
+        self.current
+            .remove_if(device, |_, g| *g == generation)
+            .is_some()
+    }
+}
+
+pub fn message(device: &str, online: bool, at: DateTime<Utc>, reason: &str) -> Vec<u8> {
+    serde_json::json!({
+        "device_id": device,
+        "online": online,
+        "at": at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        "reason": reason,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Publishes a presence message, retained so a late subscriber learns the
+/// current state.
+pub fn publish(publisher: &Publisher, device: &str, online: bool, at: DateTime<Utc>, reason: &str) {
+    let topic = format!("{ROUTER_PREFIX}presence/{device}");
+    if let Err(e) = publisher.publish(&topic, message(device, online, at, reason), true) {
+        warn!(device, error = %e, "cannot publish presence");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_translation_round_trips() {
+        assert_eq!(
+            to_router("$sluice/presence/+").as_deref(),
+            Some("@sluice/presence/+")
+        );
+        assert_eq!(to_router("devices/d1/#"), None);
+        assert_eq!(
+            from_router("@sluice/presence/d1").as_deref(),
+            Some("$sluice/presence/d1")
+        );
+    }
+
+    #[test]
+    fn only_the_newest_connection_reports_its_disconnect() {
+        let t = PresenceTracker::default();
+        let old = t.connected("d1");
+        let new = t.connected("d1");
+        assert!(!t.disconnected("d1", old));
+        assert!(t.disconnected("d1", new));
+        assert!(!t.disconnected("d1", new));
+    }
+
+    #[test]
+    fn wills_follow_the_spec() {
+        assert!(!DisconnectReason::ClientDisconnect.publishes_will());
+        assert!(DisconnectReason::KeepAliveTimeout.publishes_will());
+        assert!(DisconnectReason::ConnectionLost.publishes_will());
+    }
+}

@@ -1,0 +1,403 @@
+//! The device edge from the outside: real MQTT clients against `sluice
+//! serve` with authentication on (no `--allow-anonymous`).
+
+mod support;
+
+use rumqttc::{ConnectReturnCode, MqttOptions, Packet, QoS, SubscribeReasonCode};
+use serde_json::Value;
+use std::time::Duration;
+use support::{MqttConn, Options, Sluice, mqtt_connect};
+
+fn authenticated() -> Options {
+    Options {
+        allow_anonymous: false,
+        ..Default::default()
+    }
+}
+
+async fn create_device(sluice: &Sluice, id: &str) -> String {
+    let (_, secret) = sluice_ingest::devices::create(&sluice.db, id, serde_json::json!({}))
+        .await
+        .unwrap();
+    secret
+}
+
+fn refused_with(result: Result<MqttConn, String>, code: ConnectReturnCode) {
+    match result {
+        Ok(_) => panic!("connected, expected refusal {code:?}"),
+        Err(e) => assert!(
+            e.contains(&format!("ConnectionRefused({code:?})")),
+            "expected {code:?}, got {e}"
+        ),
+    }
+}
+
+async fn suback_codes(conn: &mut MqttConn) -> Vec<SubscribeReasonCode> {
+    loop {
+        match conn.next().await {
+            Ok(Packet::SubAck(a)) => return a.return_codes,
+            Ok(_) => {}
+            Err(e) => panic!("closed before SUBACK: {e}"),
+        }
+    }
+}
+
+async fn wait_puback(conn: &mut MqttConn) {
+    loop {
+        match conn.next().await {
+            Ok(Packet::PubAck(_)) => return,
+            Ok(_) => {}
+            Err(e) => panic!("closed before PUBACK: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_decide_who_connects() {
+    let sluice = Sluice::start_with(authenticated(), |_| {}).await;
+    let secret = create_device(&sluice, "d1").await;
+    let off_secret = create_device(&sluice, "off").await;
+    sluice_ingest::devices::set_enabled(&sluice.db, "off", false)
+        .await
+        .unwrap();
+
+    let good = mqtt_connect(sluice.device_options("d1", &secret)).await;
+    assert!(good.is_ok(), "{:?}", good.err());
+
+    refused_with(
+        mqtt_connect(sluice.device_options("d1", "wrong-secret")).await,
+        ConnectReturnCode::BadUserNamePassword,
+    );
+    refused_with(
+        mqtt_connect(sluice.device_options("nobody", &secret)).await,
+        ConnectReturnCode::BadUserNamePassword,
+    );
+    let mut no_login = MqttOptions::new("d1", "127.0.0.1", sluice.mqtt_port);
+    no_login.set_keep_alive(Duration::from_secs(30));
+    refused_with(
+        mqtt_connect(no_login).await,
+        ConnectReturnCode::NotAuthorized,
+    );
+    refused_with(
+        mqtt_connect(sluice.device_options("off", &off_secret)).await,
+        ConnectReturnCode::NotAuthorized,
+    );
+    // After rotation the old secret is refused and the new one works,
+    // although the old one was cached by the first connect.
+    let rotated = sluice_ingest::devices::rotate_secret(&sluice.db, "d1")
+        .await
+        .unwrap();
+    refused_with(
+        mqtt_connect(sluice.device_options("d1", &secret)).await,
+        ConnectReturnCode::BadUserNamePassword,
+    );
+    assert!(
+        mqtt_connect(sluice.device_options("d1", &rotated))
+            .await
+            .is_ok()
+    );
+
+    let metrics = sluice.metrics().await;
+    assert!(
+        metrics.contains("sluice_auth_refused_total{reason=\"bad_secret\"}"),
+        "{metrics}"
+    );
+    sluice.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_confined_to_its_own_topics() {
+    let sluice = Sluice::start_with(authenticated(), |_| {}).await;
+    let s1 = create_device(&sluice, "d1").await;
+    create_device(&sluice, "d2").await;
+
+    let mut d1 = mqtt_connect(sluice.device_options("d1", &s1))
+        .await
+        .unwrap();
+    d1.client
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("devices/d2/#".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("devices/d1/commands".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("#".into(), QoS::AtMostOnce),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        suback_codes(&mut d1).await,
+        vec![
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+        ]
+    );
+
+    d1.client
+        .publish(
+            "devices/d1/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"temp": 20.5}"#,
+        )
+        .await
+        .unwrap();
+    wait_puback(&mut d1).await;
+
+    // Another device's topic: the connection is closed, nothing is acked.
+    d1.client
+        .publish(
+            "devices/d2/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"temp": 99}"#,
+        )
+        .await
+        .unwrap();
+    loop {
+        match d1.next().await {
+            Ok(Packet::PubAck(_)) => panic!("a forbidden publish was acknowledged"),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+
+    let d1_points = sluice
+        .eventually("d1's point", Duration::from_secs(20), || async {
+            let p = sluice.all_points("d1").await;
+            (!p.is_empty()).then_some(p)
+        })
+        .await;
+    assert_eq!(d1_points.len(), 1);
+    assert_eq!(d1_points[0].value, 20.5);
+    // Give the forbidden message every chance to show up before checking.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sluice.all_points("d2").await.is_empty());
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM events WHERE topic LIKE 'devices/d2/%') \
+              + (SELECT count(*) FROM dead_letters WHERE topic LIKE 'devices/d2/%')",
+    )
+    .fetch_one(&sluice.db)
+    .await
+    .unwrap();
+    assert_eq!(stored, 0);
+
+    let metrics = sluice.metrics().await;
+    for line in [
+        "sluice_acl_denied_total{action=\"publish\"} 1",
+        "sluice_acl_denied_total{action=\"subscribe\"} 2",
+        "sluice_connections_closed_total{reason=\"publish_denied\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line}:\n{metrics}");
+    }
+    sluice.stop();
+}
+
+const APP_CONFIG: &str = r#"
+[broker.acl.policies.dashboard]
+subscribe = ["devices/+/telemetry", "devices/+/status", "$sluice/presence/+"]
+publish = ["devices/+/commands"]
+
+[broker.applications.dash]
+policy = "dashboard"
+secret_hash = "HASH"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_presence_and_wills() {
+    let app_secret = "app-secret-123";
+    let hash = sluice_ingest::devices::hash_secret(app_secret).unwrap();
+    let sluice = Sluice::start_with(
+        Options {
+            config_toml: Some(APP_CONFIG.replace("HASH", &hash)),
+            ..authenticated()
+        },
+        |_| {},
+    )
+    .await;
+    let s1 = create_device(&sluice, "d1").await;
+
+    let mut app_opts = MqttOptions::new("ui-1", "127.0.0.1", sluice.mqtt_port);
+    app_opts.set_keep_alive(Duration::from_secs(30));
+    app_opts.set_credentials("dash", app_secret);
+    let mut app = mqtt_connect(app_opts.clone()).await.unwrap();
+    app.client
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("$sluice/presence/+".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("devices/+/telemetry".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("devices/+/status".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("devices/#".into(), QoS::AtLeastOnce),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        suback_codes(&mut app).await,
+        vec![
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+        ]
+    );
+    let mut wrong = app_opts.clone();
+    wrong.set_credentials("dash", "not-it");
+    refused_with(
+        mqtt_connect(wrong).await,
+        ConnectReturnCode::BadUserNamePassword,
+    );
+
+    // The device connects with a will; the application sees it come online.
+    let mut dev_opts = sluice.device_options("d1", &s1);
+    dev_opts.set_last_will(rumqttc::LastWill::new(
+        "devices/d1/status",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let mut d1 = mqtt_connect(dev_opts).await.unwrap();
+    let online = app.next_publish().await;
+    assert_eq!(online.topic, "$sluice/presence/d1");
+    let body: Value = serde_json::from_slice(&online.payload).unwrap();
+    assert_eq!(body["online"], true, "{body}");
+    assert_eq!(body["device_id"], "d1");
+
+    // Device → application, and application → device.
+    d1.client
+        .subscribe("devices/d1/commands", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback_codes(&mut d1).await;
+    d1.client
+        .publish(
+            "devices/d1/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"v":1}"#,
+        )
+        .await
+        .unwrap();
+    let seen = app.next_publish().await;
+    assert_eq!(seen.topic, "devices/d1/telemetry");
+    app.client
+        .publish("devices/d1/commands", QoS::AtLeastOnce, false, "reboot")
+        .await
+        .unwrap();
+    let command = d1.next_publish().await;
+    assert_eq!(&command.payload[..], b"reboot");
+
+    let device = sluice_ingest::devices::get(&sluice.db, "d1").await.unwrap();
+    assert!(device.online);
+    assert!(device.last_connect_at.is_some());
+
+    // The device dies without DISCONNECT: its will and "offline" arrive,
+    // and the registry records it.
+    d1.kill();
+    let mut got_will = false;
+    let mut got_offline = false;
+    while !(got_will && got_offline) {
+        let p = app.next_publish().await;
+        match p.topic.as_str() {
+            "devices/d1/status" => {
+                assert_eq!(&p.payload[..], b"gone");
+                got_will = true;
+            }
+            "$sluice/presence/d1" => {
+                let body: Value = serde_json::from_slice(&p.payload).unwrap();
+                assert_eq!(body["online"], false, "{body}");
+                assert_eq!(body["reason"], "connection_lost", "{body}");
+                got_offline = true;
+            }
+            other => panic!("unexpected publish on {other}"),
+        }
+    }
+    let device = sluice
+        .eventually("registry offline", Duration::from_secs(10), || async {
+            let d = sluice_ingest::devices::get(&sluice.db, "d1").await.unwrap();
+            (!d.online).then_some(d)
+        })
+        .await;
+    assert!(device.last_disconnect_at.is_some());
+
+    // A late subscriber learns the current state from the retained message.
+    app.kill();
+    let mut late = mqtt_connect(app_opts).await.unwrap();
+    late.client
+        .subscribe("$sluice/presence/d1", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let retained = late.next_publish().await;
+    let body: Value = serde_json::from_slice(&retained.payload).unwrap();
+    assert_eq!(body["online"], false);
+    sluice.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_packets_close_only_their_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sluice = Sluice::start(|_| {}).await;
+    let mut healthy = mqtt_connect({
+        let mut o = MqttOptions::new("healthy", "127.0.0.1", sluice.mqtt_port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    })
+    .await
+    .unwrap();
+
+    // A PUBLISH before CONNECT, garbage, and a remaining length that never ends.
+    for bytes in [
+        &b"\x30\x05\x00\x01ab"[..],
+        &b"\xff\xff\xff\xff\xff"[..],
+        &b"\x10\xff\xff\xff\xff\x01"[..],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", sluice.mqtt_port))
+            .await
+            .unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the server closes the connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "expected a close, got {:?}", &buf[..n]);
+    }
+
+    // A topic with a wildcard in PUBLISH closes that client (rumqttc
+    // refuses to send one, so the packets are written by hand).
+    {
+        use rumqttc::mqttbytes::v4 as wire;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", sluice.mqtt_port))
+            .await
+            .unwrap();
+        let mut out = bytes::BytesMut::new();
+        let mut connect = wire::Connect::new("bad");
+        connect.keep_alive = 30;
+        wire::Packet::Connect(connect)
+            .write(&mut out, usize::MAX)
+            .unwrap();
+        let mut publish = wire::Publish::new("devices/+/telemetry", QoS::AtLeastOnce, "{}");
+        publish.pkid = 1;
+        wire::Packet::Publish(publish)
+            .write(&mut out, usize::MAX)
+            .unwrap();
+        s.write_all(&out).await.unwrap();
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut received))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        // CONNACK (accepted), then nothing: no PUBACK.
+        assert_eq!(received, vec![0x20, 0x02, 0x00, 0x00]);
+    }
+
+    // The healthy client is unaffected.
+    healthy
+        .client
+        .publish("devices/h/telemetry", QoS::AtLeastOnce, false, r#"{"x":1}"#)
+        .await
+        .unwrap();
+    wait_puback(&mut healthy).await;
+    let metrics = sluice.metrics().await;
+    assert!(
+        metrics.contains("sluice_connections_closed_total{reason=\"bad_topic\"} 1"),
+        "{metrics}"
+    );
+    sluice.stop();
+}
