@@ -326,6 +326,29 @@ async fn applications_presence_and_wills() {
     let retained = late.next_publish().await;
     let body: Value = serde_json::from_slice(&retained.payload).unwrap();
     assert_eq!(body["online"], false);
+
+    // A device that goes silent is dropped after 1.5 × its keep-alive.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", sluice.mqtt_port))
+            .await
+            .unwrap();
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new("d1");
+        connect.keep_alive = 1;
+        connect.set_login("d1", &s1);
+        let mut out = bytes::BytesMut::new();
+        rumqttc::mqttbytes::v4::Packet::Connect(connect)
+            .write(&mut out, usize::MAX)
+            .unwrap();
+        silent.write_all(&out).await.unwrap();
+        let online = late.next_publish().await;
+        let body: Value = serde_json::from_slice(&online.payload).unwrap();
+        assert_eq!(body["online"], true, "{body}");
+        let offline = late.next_publish().await;
+        let body: Value = serde_json::from_slice(&offline.payload).unwrap();
+        assert_eq!(body["online"], false, "{body}");
+        assert_eq!(body["reason"], "keep_alive_timeout", "{body}");
+    }
     sluice.stop();
 }
 
@@ -399,5 +422,126 @@ async fn bad_packets_close_only_their_connection() {
         metrics.contains("sluice_connections_closed_total{reason=\"bad_topic\"} 1"),
         "{metrics}"
     );
+    sluice.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_throttle_refuse_and_time_out() {
+    use tokio::io::AsyncReadExt;
+    let sluice = Sluice::start_with(
+        Options {
+            env: vec![
+                ("SLUICE_BROKER__MAX_PUBLISH_RATE".into(), "20".into()),
+                ("SLUICE_BROKER__PUBLISH_BURST".into(), "5".into()),
+                ("SLUICE_BROKER__MAX_CONNECTIONS".into(), "2".into()),
+                ("SLUICE_BROKER__CONNECT_TIMEOUT_MS".into(), "500".into()),
+            ],
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let opts = |id: &str| {
+        let mut o = MqttOptions::new(id, "127.0.0.1", sluice.mqtt_port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    };
+    let mut a = mqtt_connect(opts("a")).await.unwrap();
+    let b = mqtt_connect(opts("b")).await.unwrap();
+    refused_with(
+        mqtt_connect(opts("c")).await,
+        ConnectReturnCode::ServiceUnavailable,
+    );
+    b.kill();
+
+    // Over the rate the client is slowed down, never dropped: all acked.
+    for i in 0..30 {
+        a.client
+            .publish(
+                "devices/a/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"i":{i}}}"#),
+            )
+            .await
+            .unwrap();
+    }
+    for _ in 0..30 {
+        wait_puback(&mut a).await;
+    }
+    let points = sluice
+        .eventually("30 points", Duration::from_secs(20), || async {
+            let p = sluice.all_points("a").await;
+            (p.len() == 30).then_some(p)
+        })
+        .await;
+    assert_eq!(points.len(), 30);
+
+    // A socket that never sends CONNECT is closed after the connect timeout.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", sluice.mqtt_port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("closed by the server")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    let metrics = sluice.metrics().await;
+    for needle in [
+        "sluice_publish_throttled_total",
+        "sluice_connections_refused_total{reason=\"max_connections\"} 1",
+        "sluice_connect_timeouts_total 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle}:\n{metrics}");
+    }
+    sluice.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_and_persistent_sessions_through_the_router() {
+    let sluice = Sluice::start(|_| {}).await;
+    let opts = |id: &str, clean: bool| {
+        let mut o = MqttOptions::new(id, "127.0.0.1", sluice.mqtt_port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_session(clean);
+        o
+    };
+    // A persistent subscriber goes away...
+    let mut sub = mqtt_connect(opts("s1", false)).await.unwrap();
+    sub.client.subscribe("t/x", QoS::AtLeastOnce).await.unwrap();
+    suback_codes(&mut sub).await;
+    sub.client.disconnect().await.unwrap();
+    sub.closed().await;
+
+    // ...a QoS 2 message is published (PUBREC only once stored)...
+    let mut publisher = mqtt_connect(opts("p1", true)).await.unwrap();
+    publisher
+        .client
+        .publish("t/x", QoS::ExactlyOnce, false, "m1")
+        .await
+        .unwrap();
+    loop {
+        match publisher.next().await {
+            Ok(Packet::PubComp(_)) => break,
+            Ok(_) => {}
+            Err(e) => panic!("closed before PUBCOMP: {e}"),
+        }
+    }
+
+    // ...and the subscriber gets it when it comes back.
+    let mut sub = mqtt_connect(opts("s1", false)).await.unwrap();
+    let p = sub.next_publish().await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("t/x", &b"m1"[..]));
+
+    // Stored once (no rule matches `t/x`, so it is kept as an event).
+    let events = sluice
+        .eventually("the event", Duration::from_secs(20), || async {
+            let e = sluice.all_events("t/x").await;
+            (!e.is_empty()).then_some(e)
+        })
+        .await;
+    assert_eq!(events.len(), 1);
     sluice.stop();
 }

@@ -16,6 +16,7 @@
 //! request channel: that is when its `seq` is used, so `sent` per device is
 //! exactly the range of `seq` values consumers should expect.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::args::{Config, MAX_PACKET_BYTES};
 use crate::pacing;
-use crate::stats::Stats;
+use crate::stats::{Stats, new_latency_histogram};
 use crate::telemetry::TelemetryGenerator;
 
 /// MQTT keep-alive of every device.
@@ -200,15 +201,26 @@ async fn drive(
     let mut connected = false;
     let mut logged_error = false;
     let mut backoff = MIN_BACKOFF;
+    // Packet id → when the publish went out; ids are reused, so an entry
+    // lives only until its PUBACK.
+    let mut in_flight: HashMap<u16, Instant> = HashMap::new();
+    let mut latency = new_latency_histogram();
     loop {
         match eventloop.poll().await {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                in_flight.insert(pkid, Instant::now());
+            }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 stats.device_connected(!*connected_once.borrow());
                 connected = true;
                 backoff = MIN_BACKOFF;
                 connected_once.send_replace(true);
             }
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(sent_at) = in_flight.remove(&ack.pkid) {
+                    let micros = sent_at.elapsed().as_micros().max(1);
+                    latency.saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
+                }
                 stats.add_acked();
                 acked.send_modify(|n| *n += 1);
             }
@@ -216,17 +228,20 @@ async fn drive(
                 if connected {
                     stats.device_disconnected();
                 }
-                return;
+                break;
             }
             Ok(_) => {}
             Err(e) => {
                 stats.add_error(&format_args!("{id}: {e}"));
+                // Publishes in flight at a drop are retransmitted: their
+                // times would measure the outage, not the broker.
+                in_flight.clear();
                 if connected {
                     connected = false;
                     stats.device_disconnected();
                 }
                 if *closing.borrow() {
-                    return;
+                    break;
                 }
                 // One line per device: with thousands of devices against a
                 // dead broker, more would drown the progress output.
@@ -239,10 +254,11 @@ async fn drive(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = closing.wait_for(|c| *c) => return,
+                    _ = closing.wait_for(|c| *c) => break,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
+    stats.merge_latency(&latency);
 }

@@ -108,13 +108,14 @@ async fn run(config: Arc<Config>) -> ExitCode {
         return ExitCode::from(EXIT_NO_CONNECTION);
     }
 
-    let summary = Summary::new(
+    let mut summary = Summary::new(
         config.devices,
         config.qos_level(),
         config.metrics,
         counters,
         elapsed,
     );
+    summary.latency = stats.latency();
     if config.json {
         println!("{}", summary.to_json());
     } else {

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use serde_json::json;
 
 /// Counters shared by all device tasks.
@@ -26,6 +27,16 @@ pub struct Stats {
     ever_connected: AtomicU64,
     /// Text of the first connection error, for the "could not connect" message.
     first_error: Mutex<Option<String>>,
+    /// Publish → PUBACK times in microseconds, merged from every device
+    /// when it finishes (each device records into its own histogram, so the
+    /// hot path takes no lock).
+    ack_latency: Mutex<Option<Histogram<u64>>>,
+}
+
+/// A histogram for publish → PUBACK latency in microseconds (1 µs to 1 h,
+/// three significant digits).
+pub fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
 /// A point-in-time copy of the counters.
@@ -69,6 +80,32 @@ impl Stats {
         self.connected.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Adds one device's latency histogram to the fleet's.
+    pub fn merge_latency(&self, device: &Histogram<u64>) {
+        let mut all = self.ack_latency.lock().unwrap_or_else(|e| e.into_inner());
+        match all.as_mut() {
+            Some(h) => {
+                // Same bounds everywhere, so adding cannot fail.
+                let _ = h.add(device);
+            }
+            None => *all = Some(device.clone()),
+        }
+    }
+
+    /// Publish → PUBACK percentiles in milliseconds, if any ack was timed.
+    pub fn latency(&self) -> Option<Latency> {
+        let all = self.ack_latency.lock().unwrap_or_else(|e| e.into_inner());
+        let h = all.as_ref().filter(|h| !h.is_empty())?;
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Some(Latency {
+            samples: h.len(),
+            p50_ms: ms(0.50),
+            p90_ms: ms(0.90),
+            p99_ms: ms(0.99),
+            max_ms: h.max() as f64 / 1000.0,
+        })
+    }
+
     pub fn first_error(&self) -> Option<String> {
         self.first_error
             .lock()
@@ -87,9 +124,20 @@ impl Stats {
     }
 }
 
+/// Publish → PUBACK latency of a run (QoS 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Latency {
+    pub samples: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
 /// The final report of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
+    pub latency: Option<Latency>,
     pub devices: u32,
     pub qos: u8,
     pub sent: u64,
@@ -112,6 +160,7 @@ impl Summary {
     ) -> Self {
         let points_per_message = metrics as u64 + 1;
         Summary {
+            latency: None,
             devices,
             qos,
             sent: counters.sent,
@@ -156,6 +205,13 @@ impl Summary {
             "elapsed_secs": round(self.elapsed.as_secs_f64(), 3),
             "msgs_per_sec": round(self.msgs_per_sec(), 1),
             "points_per_sec": round(self.points_per_sec(), 1),
+            "puback_latency_ms": self.latency.map(|l| json!({
+                "samples": l.samples,
+                "p50": round(l.p50_ms, 3),
+                "p90": round(l.p90_ms, 3),
+                "p99": round(l.p99_ms, 3),
+                "max": round(l.max_ms, 3),
+            })),
         })
     }
 }
@@ -175,7 +231,15 @@ impl fmt::Display for Summary {
         writeln!(f, "points sent:    {}", self.points)?;
         writeln!(f, "elapsed:        {:.3} s", self.elapsed.as_secs_f64())?;
         writeln!(f, "messages/s:     {:.1}", self.msgs_per_sec())?;
-        write!(f, "points/s:       {:.1}", self.points_per_sec())
+        write!(f, "points/s:       {:.1}", self.points_per_sec())?;
+        if let Some(l) = self.latency {
+            write!(
+                f,
+                "\nPUBACK latency: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} acks)",
+                l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.samples
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -230,6 +294,24 @@ mod tests {
     }
 
     #[test]
+    fn latency_percentiles_come_from_every_device() {
+        let stats = Stats::default();
+        assert!(stats.latency().is_none());
+        let mut a = new_latency_histogram();
+        let mut b = new_latency_histogram();
+        for us in 1..=99u64 {
+            a.record(us * 1000).unwrap();
+        }
+        b.record(100_000).unwrap();
+        stats.merge_latency(&a);
+        stats.merge_latency(&b);
+        let l = stats.latency().unwrap();
+        assert_eq!(l.samples, 100);
+        assert!((l.p50_ms - 50.0).abs() < 0.1, "{l:?}");
+        assert!((l.max_ms - 100.0).abs() < 0.1, "{l:?}");
+    }
+
+    #[test]
     fn missing_acks_only_for_qos1() {
         assert_eq!(
             Summary::new(1, 1, 4, counters(10, 7), Duration::ZERO).missing_acks(),
@@ -257,6 +339,7 @@ mod tests {
                 "msgs_per_sec",
                 "points",
                 "points_per_sec",
+                "puback_latency_ms",
                 "qos",
                 "sent"
             ]
