@@ -453,6 +453,35 @@ async fn limits_throttle_refuse_and_time_out() {
         ConnectReturnCode::ServiceUnavailable,
     );
     b.kill();
+    sluice
+        .eventually("b's connection gone", Duration::from_secs(10), || async {
+            sluice
+                .metrics()
+                .await
+                .contains("sluice_connections{transport=\"tcp\"} 1\n")
+                .then_some(())
+        })
+        .await;
+
+    // Connections that come and go free their place, in Sluice and in the
+    // router behind it (whose own limit is max_connections + 16).
+    // (A connection counts until its teardown ends, a moment after the
+    // client sees the close, so a refusal right then is retried.)
+    for i in 0..40 {
+        let mut attempt = 0;
+        let mut c = loop {
+            match mqtt_connect(opts(&format!("cycle-{i}"))).await {
+                Ok(c) => break c,
+                Err(e) if attempt < 50 && e.contains("ServiceUnavailable") => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("connection {i}: {e}"),
+            }
+        };
+        c.client.disconnect().await.unwrap();
+        c.closed().await;
+    }
 
     // Over the rate the client is slowed down, never dropped: all acked.
     for i in 0..30 {

@@ -873,6 +873,20 @@ impl Session {
     ) {
         let _ = self.wire.flush().await;
         let _ = self.wire.io.shutdown().await;
+        // rumqttd forgets a connection only when told (its own listener
+        // sends an internal event we cannot name); a DISCONNECT through the
+        // link does the same. Not after a takeover: the router already
+        // dropped this link, and its connection id may belong to the
+        // connection that replaced it.
+        if reason != DisconnectReason::TakenOver && self.router_link_alive() {
+            self.send_to_router(router::Packet::Disconnect(
+                router::Disconnect {
+                    reason_code: router::DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ))
+            .await;
+        }
         if reason.publishes_will()
             && let Some(will) = self.will.take()
         {
@@ -893,6 +907,18 @@ impl Session {
                 .await
             {
                 warn!(error = %e, "cannot record the disconnect in the registry");
+            }
+        }
+    }
+
+    /// False once the router has dropped this link (a takeover raced with
+    /// the end of the connection). Drains what the router still queued.
+    fn router_link_alive(&mut self) -> bool {
+        loop {
+            match futures_util::FutureExt::now_or_never(self.link_rx.next()) {
+                None => return true,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return false,
             }
         }
     }

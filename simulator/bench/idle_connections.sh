@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Memory per connected idle device: Sluice's RSS with CONNECTIONS idle MQTT
+# connections minus its RSS with none, divided by CONNECTIONS.
+#
+# Usage: simulator/bench/idle_connections.sh [CONNECTIONS]   (default 10000)
+# Raises the file-descriptor limit for itself and its children. Each device
+# connects (spread over 10 s), publishes one message and then stays idle.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+connections=${1:-10000}
+cd "$root"
+ulimit -n $((connections * 2 + 1024))
+cargo build --release -q -p sluice -p sluice-simulator
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
+
+work=$(mktemp -d /tmp/sluice-bench-XXXXXX)
+chmod 755 "$work"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+mqtt=$(free_port); ws=$(free_port); grpc=$(free_port); metrics=$(free_port)
+SLUICE_BROKER__MAX_CONNECTIONS=$((connections + 100)) \
+  "$bin/sluice" serve --allow-anonymous --data-dir "$work/data" --rules "$work/rules" \
+  --mqtt-listen "127.0.0.1:$mqtt" --ws-listen "127.0.0.1:$ws" \
+  --grpc-listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
+  >"$work/sluice.log" 2>&1 &
+sluice_pid=$!
+trap 'kill -TERM $sluice_pid 2>/dev/null || true; wait $sluice_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 600); do grep -q "sluice is ready" "$work/sluice.log" && break; sleep 0.1; done
+grep -q "sluice is ready" "$work/sluice.log" || { cat "$work/sluice.log"; exit 1; }
+
+rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$sluice_pid/status"; }
+connected() { curl -s "127.0.0.1:$metrics/metrics" | awk '$1 ~ /^sluice_connections\{/ { n += $2 } END { print n + 0 }'; }
+# Warm up the paths a connection uses, so the baseline is not flattered.
+"$bin/sluice-sim" --port "$mqtt" --devices 10 --rate 1 --count 1 --qos 1 --id-prefix warm- >/dev/null
+sleep 2
+base=$(rss_kib)
+
+"$bin/sluice-sim" --port "$mqtt" --devices "$connections" --ramp-ms 10000 --rate 0.001 --qos 1 \
+  --duration 40 --connect-timeout-secs 30 --id-prefix idle- >"$work/sim.txt" 2>&1 &
+sim_pid=$!
+for _ in $(seq 300); do [ "$(connected)" -ge "$connections" ] && break; sleep 0.2; done
+sleep 5
+n=$(connected)
+with=$(rss_kib)
+wait "$sim_pid" || true
+per=$(python3 -c "print(round(($with - $base) / $n, 1))")
+echo "| $(date -u +%F) | $(nproc) cores | $n idle connections | RSS $base KiB → $with KiB | $per KiB per connection |"
