@@ -574,3 +574,45 @@ async fn qos2_and_persistent_sessions_through_the_router() {
     assert_eq!(events.len(), 1);
     sluice.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_with_the_same_id_takes_over() {
+    let sluice = Sluice::start_with(authenticated(), |_| {}).await;
+    let secret = create_device(&sluice, "twin").await;
+    // The first one only publishes (no router link of its own), the second
+    // one also subscribes: takeover must work either way.
+    let mut first = mqtt_connect(sluice.device_options("twin", &secret))
+        .await
+        .unwrap();
+    let mut second = mqtt_connect(sluice.device_options("twin", &secret))
+        .await
+        .unwrap();
+    first.closed().await;
+    second
+        .client
+        .subscribe("devices/twin/commands", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    suback_codes(&mut second).await;
+    let mut third = mqtt_connect(sluice.device_options("twin", &secret))
+        .await
+        .unwrap();
+    second.closed().await;
+    third
+        .client
+        .publish(
+            "devices/twin/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"n":1}"#,
+        )
+        .await
+        .unwrap();
+    wait_puback(&mut third).await;
+    // The replaced connections did not mark the device offline.
+    let device = sluice_ingest::devices::get(&sluice.db, "twin")
+        .await
+        .unwrap();
+    assert!(device.online);
+    sluice.stop();
+}

@@ -105,11 +105,18 @@ impl Broker {
             };
             Ok((tx, rx, session_present))
         });
-        // Sluice's own link shares the client-id namespace with clients;
+        // Sluice's own links share the client-id namespace with clients;
         // the edge prefixes every client's id (`d:`, `a:`, `x:`), so no
-        // client can take this one over.
+        // client can take these over.
         let (ptx, prx, _) = links("sluice-publisher", true).map_err(BrokerError::Link)?;
         let publisher = Publisher::new((ptx, prx))?;
+        let ingress = (0..config.connection_threads.max(1))
+            .map(|i| {
+                let (tx, rx, _) =
+                    links(&format!("sluice-ingress-{i}"), true).map_err(BrokerError::Link)?;
+                Publisher::new((tx, rx))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let connections = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.connection_threads.max(1))
@@ -128,7 +135,8 @@ impl Broker {
             links,
             spool: appender,
             publisher: publisher.clone(),
-            presence: Default::default(),
+            ingress,
+            sessions: Default::default(),
             connections: AtomicUsize::new(0),
             shutdown: tokio::sync::watch::channel(false).0,
         });
@@ -188,7 +196,8 @@ impl Drop for Broker {
 
 fn router_config(c: &BrokerConfig) -> RouterConfig {
     RouterConfig {
-        max_connections: c.max_connections + 16, // room for Sluice's own link
+        // Room for Sluice's own links (publisher, ingress).
+        max_connections: c.max_connections + c.connection_threads + 16,
         max_outgoing_packet_count: 200,
         max_segment_size: c.log_segment_bytes,
         max_segment_count: c.log_segment_count,

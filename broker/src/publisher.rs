@@ -1,6 +1,11 @@
-//! Sluice's own publishes into the router: rule outputs and presence
-//! messages, delivered to MQTT subscribers. (Rule publishes reach the rules
-//! again inside the pipeline, not through the router.)
+//! Publishing into the router through shared local links: Sluice's own
+//! messages (rule outputs, presence, wills) and every client publish the
+//! edge accepted. (Rule publishes reach the rules again inside the pipeline,
+//! not through the router.)
+//!
+//! Client publishes go through a few shared links rather than each client's
+//! own: most devices only publish, and a rumqttd link costs tens of KiB, so
+//! a device gets a link of its own only once it subscribes.
 
 use crate::BrokerError;
 use bytes::Bytes;
@@ -43,6 +48,21 @@ impl Publisher {
         // does a blocking channel send), so a minimal executor suffices and
         // works during shutdown, when no runtime may be left.
         futures_executor::block_on(link.send(packet))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Hands several publishes to the router at once (one wake-up), in order.
+    pub(crate) fn publish_batch(&self, packets: &mut Vec<Packet>) -> Result<(), String> {
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        let mut link = self
+            .link
+            .lock()
+            .map_err(|_| "publisher lock poisoned".to_string())?;
+        link.buffer().extend(packets.drain(..));
+        futures_executor::block_on(link.send(last))
             .map(|_| ())
             .map_err(|e| e.to_string())
     }

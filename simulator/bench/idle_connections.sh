@@ -9,7 +9,13 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 connections=${1:-10000}
 cd "$root"
-ulimit -n $((connections * 2 + 1024))
+# Sluice and the simulator each hold one descriptor per connection.
+want=$((connections + 1024))
+hard=$(ulimit -Hn)
+if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
+  echo "need $want open files per process, the hard limit is $hard" >&2; exit 1
+fi
+ulimit -n "$want"
 cargo build --release -q -p sluice -p sluice-simulator
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 

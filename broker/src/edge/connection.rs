@@ -235,56 +235,59 @@ pub(crate) async fn serve(
         }
 
         let router_id = principal.router_client_id();
-        let links = shared.links.clone();
         let clean = connect.clean_session;
-        let built = tokio::task::spawn_blocking(move || links(&router_id, clean)).await;
-        let (link_tx, link_rx, session_present) = match built {
-            Ok(Ok(link)) => link,
-            Ok(Err(e)) => {
-                warn!(error = %e, "the router refused the connection");
-                return refuse(&mut wire, ConnectReturnCode::ServiceUnavailable).await;
-            }
-            Err(e) => {
-                warn!(error = %e, "building the router link failed");
-                return refuse(&mut wire, ConnectReturnCode::ServiceUnavailable).await;
+        // A persistent session may hold subscriptions and messages in the
+        // router, so it needs its link now; a clean one gets a link only
+        // when it subscribes.
+        let (link, session_present) = if clean {
+            (None, false)
+        } else {
+            match build_link(&shared, &router_id, false).await {
+                Ok((link, present)) => (Some(link), present),
+                Err(e) => {
+                    warn!(error = %e, "the router refused the session");
+                    return refuse(&mut wire, ConnectReturnCode::ServiceUnavailable).await;
+                }
             }
         };
+        let claim = shared.sessions.claim(&router_id);
 
         let connected_at = Utc::now();
-        let generation = match &principal {
-            Principal::Device { id } => {
-                let generation = shared.presence.connected(id);
-                if let Err(e) = shared
-                    .auth
-                    .registry()
-                    .record_presence(id, true, connected_at, connected_at)
-                    .await
-                {
-                    warn!(error = %e, "cannot record the connect in the registry");
-                }
-                presence::publish(&shared.publisher, id, true, connected_at, "connected");
-                Some(generation)
+        if let Principal::Device { id } = &principal {
+            if let Err(e) = shared
+                .auth
+                .registry()
+                .record_presence(id, true, connected_at, connected_at)
+                .await
+            {
+                warn!(error = %e, "cannot record the connect in the registry");
             }
-            _ => None,
-        };
+            presence::publish(&shared.publisher, id, true, connected_at, "connected");
+        }
         wire.queue(Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,
-            session_present && !clean,
+            session_present,
         )));
         counter!("sluice_connections_accepted_total", "kind" => principal.kind()).increment(1);
         debug!(kind = principal.kind(), "client connected");
 
+        let ingress = ingress_index(&router_id, shared.ingress.len());
         let mut session = Session {
             shared: shared.clone(),
             principal,
+            router_id,
+            clean,
             acl,
-            link_tx,
-            link_rx,
+            link,
+            ingress,
+            taken_over: claim.taken_over,
             wire,
             pending: FuturesOrdered::new(),
             awaiting_release: HashSet::new(),
             presence_filters: Vec::new(),
             dropped_qos2: HashSet::new(),
+            router_queue: Vec::new(),
+            ingress_queue: Vec::new(),
             bucket: TokenBucket::new(
                 shared.config.max_publish_rate,
                 shared.config.publish_burst.max(1),
@@ -296,10 +299,49 @@ pub(crate) async fn serve(
             will: connect.last_will,
         };
         let reason = session.run().await;
-        session.finish(reason, generation, connected_at).await;
+        session.finish(reason, claim.generation, connected_at).await;
     }
     .instrument(span)
     .await
+}
+
+/// A client's own link to the router: its subscriptions and deliveries.
+struct RouterLink {
+    tx: LinkTx,
+    rx: LinkRx,
+}
+
+/// Registers `router_id` with the router (blocking, so off the async
+/// threads); reports whether the router had a session for it.
+async fn build_link(
+    shared: &Arc<EdgeShared>,
+    router_id: &str,
+    clean: bool,
+) -> Result<(RouterLink, bool), String> {
+    let links = shared.links.clone();
+    let id = router_id.to_owned();
+    match tokio::task::spawn_blocking(move || links(&id, clean)).await {
+        Ok(Ok((tx, rx, present))) => Ok((RouterLink { tx, rx }, present && !clean)),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The shared ingress link a client's publishes use: always the same one
+/// for a client, so its messages reach the router in order.
+fn ingress_index(router_id: &str, links: usize) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(router_id);
+    (hash % links.max(1) as u64) as usize
+}
+
+async fn next_notification(
+    link: &mut Option<RouterLink>,
+) -> Result<Option<Notification>, rumqttd::local::LinkError> {
+    match link {
+        Some(l) => l.rx.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sends a refusing CONNACK and closes (MQTT 3.1.1 §3.2.2.3).
@@ -371,9 +413,16 @@ impl Drop for ConnectionCount {
 struct Session {
     shared: Arc<EdgeShared>,
     principal: Principal,
+    /// The client's id inside the router (see `Principal::router_client_id`).
+    router_id: String,
+    clean: bool,
     acl: ClientAcl,
-    link_tx: LinkTx,
-    link_rx: LinkRx,
+    /// Created at the first SUBSCRIBE (or at CONNECT for a persistent
+    /// session); publish-only clients never need one.
+    link: Option<RouterLink>,
+    /// Index of the shared link in `EdgeShared::ingress` for publishes.
+    ingress: usize,
+    taken_over: tokio::sync::oneshot::Receiver<()>,
     wire: Wire,
     /// Publishes waiting for the spool, in arrival order (the spool reports
     /// durability in append order, so acks leave in order too).
@@ -387,6 +436,10 @@ struct Session {
     /// Router QoS 2 deliveries the edge withheld; their PUBREL is answered
     /// here.
     dropped_qos2: HashSet<u16>,
+    /// Packets for the client's own link not yet handed over (see `flush_router`).
+    router_queue: Vec<router::Packet>,
+    /// Publishes for the shared ingress link, likewise.
+    ingress_queue: Vec<router::Packet>,
     bucket: TokenBucket,
     throttled_until: Option<Instant>,
     keep_alive: Option<Duration>,
@@ -398,6 +451,7 @@ impl Session {
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut last_heard = Instant::now();
         loop {
+            self.flush_router().await;
             if let Err(e) = self.wire.flush().await {
                 debug!(error = %e, "write failed");
                 return DisconnectReason::ConnectionLost;
@@ -416,7 +470,8 @@ impl Session {
                         return self.violation(v);
                     }
                 }
-                notification = self.link_rx.next() => match notification {
+                Ok(()) = &mut self.taken_over => return DisconnectReason::TakenOver,
+                notification = next_notification(&mut self.link) => match notification {
                     Ok(Some(n)) => {
                         if let Some(reason) = self.deliver(n).await {
                             return reason;
@@ -490,36 +545,33 @@ impl Session {
         match packet {
             Packet::Publish(p) => self.publish(p).await.map(|_| None),
             Packet::PubAck(a) => {
-                self.send_to_router(router::Packet::PubAck(
+                self.queue_for_router(router::Packet::PubAck(
                     router::PubAck {
                         pkid: a.pkid,
                         reason: router::PubAckReason::Success,
                     },
                     None,
-                ))
-                .await;
+                ));
                 Ok(None)
             }
             Packet::PubRec(r) => {
-                self.send_to_router(router::Packet::PubRec(
+                self.queue_for_router(router::Packet::PubRec(
                     router::PubRec {
                         pkid: r.pkid,
                         reason: router::PubRecReason::Success,
                     },
                     None,
-                ))
-                .await;
+                ));
                 Ok(None)
             }
             Packet::PubComp(c) => {
-                self.send_to_router(router::Packet::PubComp(
+                self.queue_for_router(router::Packet::PubComp(
                     router::PubComp {
                         pkid: c.pkid,
                         reason: router::PubCompReason::Success,
                     },
                     None,
-                ))
-                .await;
+                ));
                 Ok(None)
             }
             Packet::PubRel(r) => {
@@ -581,15 +633,14 @@ impl Session {
         .await?;
         // Subscribers get the message as soon as it is accepted; the router
         // stamps the delivery QoS from each subscription.
-        self.send_to_router(router::Packet::Publish(
+        self.ingress_queue.push(router::Packet::Publish(
             router::Publish::new(
                 bytes::Bytes::from(p.topic.into_bytes()),
                 p.payload,
                 p.retain,
             ),
             None,
-        ))
-        .await;
+        ));
         counter!("sluice_messages_received_total", "qos" => qos_label(p.qos)).increment(1);
 
         if p.qos == QoS::AtMostOnce {
@@ -676,6 +727,17 @@ impl Session {
     }
 
     async fn subscribe(&mut self, s: rumqttc::mqttbytes::v4::Subscribe) {
+        if self.link.is_none() {
+            match build_link(&self.shared, &self.router_id, self.clean).await {
+                Ok((link, _)) => self.link = Some(link),
+                Err(e) => {
+                    warn!(error = %e, "the router refused a link; subscription refused");
+                    let codes = vec![SubscribeReasonCode::Failure; s.filters.len()];
+                    self.wire.queue(Packet::SubAck(SubAck::new(s.pkid, codes)));
+                    return;
+                }
+            }
+        }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut allowed = Vec::new();
         for f in s.filters {
@@ -705,14 +767,13 @@ impl Session {
         // for the new subscriptions; the router's own SubAck is discarded.
         self.wire.queue(Packet::SubAck(SubAck::new(s.pkid, codes)));
         if !allowed.is_empty() {
-            self.send_to_router(router::Packet::Subscribe(
+            self.queue_for_router(router::Packet::Subscribe(
                 router::Subscribe {
                     pkid: s.pkid,
                     filters: allowed,
                 },
                 None,
-            ))
-            .await;
+            ));
         }
     }
 
@@ -752,21 +813,41 @@ impl Session {
             filters.push(presence::to_router(&t).unwrap_or(t));
         }
         self.wire.queue(Packet::UnsubAck(UnsubAck::new(u.pkid)));
-        self.send_to_router(router::Packet::Unsubscribe(
+        self.queue_for_router(router::Packet::Unsubscribe(
             router::Unsubscribe {
                 pkid: u.pkid,
                 filters,
             },
             None,
-        ))
-        .await;
+        ));
     }
 
-    async fn send_to_router(&mut self, packet: router::Packet) {
-        // `LinkTx::send` pushes to the link's buffer and notifies the router
-        // with a channel send that blocks only while the router's inbound
-        // queue (1,000 events) is full: backpressure from the router.
-        if let Err(e) = self.link_tx.send(packet).await {
+    /// Packets for the router wait here until [`Self::flush_router`], so a
+    /// burst of publishes read at once wakes the router once, not per message.
+    fn queue_for_router(&mut self, packet: router::Packet) {
+        self.router_queue.push(packet);
+    }
+
+    async fn flush_router(&mut self) {
+        if !self.ingress_queue.is_empty()
+            && let Err(e) = self.shared.ingress[self.ingress].publish_batch(&mut self.ingress_queue)
+        {
+            warn!(error = %e, "cannot hand publishes to the router");
+            self.ingress_queue.clear();
+        }
+        let Some(last) = self.router_queue.pop() else {
+            return;
+        };
+        let Some(link) = self.link.as_mut() else {
+            // Acks for deliveries only exist with a link; nothing to do.
+            self.router_queue.clear();
+            return;
+        };
+        link.tx.buffer().extend(self.router_queue.drain(..));
+        // `LinkTx::send` pushes the last packet and notifies the router with
+        // a channel send that blocks only while the router's inbound queue
+        // (1,000 events) is full: backpressure from the router.
+        if let Err(e) = link.tx.send(last).await {
             debug!(error = %e, "router link closed");
         }
     }
@@ -775,10 +856,11 @@ impl Session {
     async fn deliver(&mut self, n: Notification) -> Option<DisconnectReason> {
         let packet: Option<router::Packet> = match n {
             Notification::Unschedule => {
-                if self.link_rx.wake().await.is_err() {
-                    return Some(DisconnectReason::TakenOver);
-                }
-                return None;
+                let woken = match &self.link {
+                    Some(link) => link.rx.wake().await.is_ok(),
+                    None => true,
+                };
+                return (!woken).then_some(DisconnectReason::TakenOver);
             }
             Notification::Disconnect(..) => return Some(DisconnectReason::TakenOver),
             other => other.into(),
@@ -794,14 +876,13 @@ impl Session {
             }
             router::Packet::PubRel(r, props) => {
                 if self.dropped_qos2.remove(&r.pkid) {
-                    self.send_to_router(router::Packet::PubComp(
+                    self.queue_for_router(router::Packet::PubComp(
                         router::PubComp {
                             pkid: r.pkid,
                             reason: router::PubCompReason::Success,
                         },
                         None,
-                    ))
-                    .await;
+                    ));
                 } else {
                     self.wire.queue_router(router::Packet::PubRel(r, props));
                 }
@@ -840,53 +921,50 @@ impl Session {
         }
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                self.send_to_router(router::Packet::PubAck(
-                    router::PubAck {
-                        pkid: p.pkid,
-                        reason: router::PubAckReason::Success,
-                    },
-                    None,
-                ))
-                .await
-            }
+            QoS::AtLeastOnce => self.queue_for_router(router::Packet::PubAck(
+                router::PubAck {
+                    pkid: p.pkid,
+                    reason: router::PubAckReason::Success,
+                },
+                None,
+            )),
             QoS::ExactlyOnce => {
                 self.dropped_qos2.insert(p.pkid);
-                self.send_to_router(router::Packet::PubRec(
+                self.queue_for_router(router::Packet::PubRec(
                     router::PubRec {
                         pkid: p.pkid,
                         reason: router::PubRecReason::Success,
                     },
                     None,
                 ))
-                .await
             }
         }
     }
 
-    /// After the loop: the will, presence and the registry.
+    /// After the loop: the router, the will, presence and the registry.
     async fn finish(
         mut self,
         reason: DisconnectReason,
-        generation: Option<u64>,
+        generation: u64,
         connected_at: chrono::DateTime<Utc>,
     ) {
-        let _ = self.wire.flush().await;
-        let _ = self.wire.io.shutdown().await;
         // rumqttd forgets a connection only when told (its own listener
         // sends an internal event we cannot name); a DISCONNECT through the
-        // link does the same. Not after a takeover: the router already
-        // dropped this link, and its connection id may belong to the
-        // connection that replaced it.
-        if reason != DisconnectReason::TakenOver && self.router_link_alive() {
-            self.send_to_router(router::Packet::Disconnect(
+        // link does the same. Not if the router already dropped the link
+        // (a takeover): its connection id may then belong to the connection
+        // that replaced it. The check and the send are microseconds apart,
+        // and the newer connection claimed the id before building its link.
+        if self.router_link_alive() {
+            self.queue_for_router(router::Packet::Disconnect(
                 router::Disconnect {
                     reason_code: router::DisconnectReasonCode::NormalDisconnection,
                 },
                 None,
-            ))
-            .await;
+            ));
         }
+        self.flush_router().await;
+        let _ = self.wire.flush().await;
+        let _ = self.wire.io.shutdown().await;
         if reason.publishes_will()
             && let Some(will) = self.will.take()
         {
@@ -894,8 +972,9 @@ impl Session {
         }
         counter!("sluice_disconnects_total", "reason" => reason.as_str()).increment(1);
         debug!(reason = reason.as_str(), "client disconnected");
-        if let (Principal::Device { id }, Some(generation)) = (&self.principal, generation)
-            && self.shared.presence.disconnected(id, generation)
+        let current = self.shared.sessions.release(&self.router_id, generation);
+        if let Principal::Device { id } = &self.principal
+            && current
         {
             let at = Utc::now();
             presence::publish(&self.shared.publisher, id, false, at, reason.as_str());
@@ -914,8 +993,11 @@ impl Session {
     /// False once the router has dropped this link (a takeover raced with
     /// the end of the connection). Drains what the router still queued.
     fn router_link_alive(&mut self) -> bool {
+        let Some(link) = self.link.as_mut() else {
+            return false;
+        };
         loop {
-            match futures_util::FutureExt::now_or_never(self.link_rx.next()) {
+            match futures_util::FutureExt::now_or_never(link.rx.next()) {
                 None => return true,
                 Some(Ok(_)) => {}
                 Some(Err(_)) => return false,
@@ -941,15 +1023,14 @@ impl Session {
             return;
         }
         counter!("sluice_wills_published_total").increment(1);
-        self.send_to_router(router::Packet::Publish(
-            router::Publish::new(
-                bytes::Bytes::from(will.topic.into_bytes()),
-                payload,
-                will.retain,
-            ),
-            None,
-        ))
-        .await;
+        // Through Sluice's own link: this client's link is already gone.
+        if let Err(e) = self
+            .shared
+            .publisher
+            .publish(&will.topic, payload.to_vec(), will.retain)
+        {
+            warn!(error = %e, "cannot deliver the will to subscribers");
+        }
     }
 }
 

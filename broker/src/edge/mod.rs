@@ -4,6 +4,7 @@
 //! - [`auth`]: who is connecting (devices, applications, anonymous).
 //! - [`connection`]: one connection's protocol handling, ACL and acks.
 //! - [`presence`]: connect/disconnect messages and the `$sluice/` namespace.
+//! - [`sessions`]: which connection holds each client id (takeover).
 //!
 //! Listeners: plain TCP (`mqtt_listen`), TLS with optional client
 //! certificates (`mqtts_listen`, when `tls` is configured) and WebSocket
@@ -13,6 +14,7 @@
 pub mod auth;
 pub mod connection;
 pub mod presence;
+pub mod sessions;
 
 use crate::acl::Acl;
 use crate::config::BrokerConfig;
@@ -21,8 +23,8 @@ use crate::spool::SpoolAppender;
 use crate::transport::{TlsAcceptor, accept_websocket};
 use auth::Authenticator;
 use metrics::counter;
-use presence::PresenceTracker;
 use rumqttd::local::{LinkRx, LinkTx};
+use sessions::Sessions;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -44,8 +46,11 @@ pub(crate) struct EdgeShared {
     pub acl: Acl,
     pub links: LinkFactory,
     pub spool: SpoolAppender,
+    /// Sluice's own messages (presence, wills).
     pub publisher: Publisher,
-    pub presence: PresenceTracker,
+    /// Shared links that carry client publishes into the router.
+    pub ingress: Vec<Publisher>,
+    pub sessions: Sessions,
     pub connections: AtomicUsize,
     /// Flips to true when the broker stops: every connection closes.
     pub shutdown: watch::Sender<bool>,

@@ -8,13 +8,11 @@
 //! directly, so only Sluice can write there.
 //!
 //! A device that reconnects before its old connection is noticed gone has
-//! two connections for a moment; a per-device generation number makes sure
-//! only the newest one reports, so "offline" never follows a fresh "online".
+//! two connections for a moment; only the newest reports (see
+//! [`super::sessions`]), so "offline" never follows a fresh "online".
 
 use crate::publisher::Publisher;
 use chrono::{DateTime, SecondsFormat, Utc};
-use dashmap::DashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::warn;
 
 /// The reserved MQTT namespace as clients see it.
@@ -70,29 +68,6 @@ impl DisconnectReason {
     }
 }
 
-#[derive(Default)]
-pub struct PresenceTracker {
-    next_generation: AtomicU64,
-    current: DashMap<String, u64>,
-}
-
-impl PresenceTracker {
-    /// Marks `device` connected; returns this connection's generation.
-    pub fn connected(&self, device: &str) -> u64 {
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.current.insert(device.to_owned(), generation);
-        generation
-    }
-
-    /// True if `generation` was still the device's newest connection (and
-    /// so should report the disconnect).
-    pub fn disconnected(&self, device: &str, generation: u64) -> bool {
-        self.current
-            .remove_if(device, |_, g| *g == generation)
-            .is_some()
-    }
-}
-
 pub fn message(device: &str, online: bool, at: DateTime<Utc>, reason: &str) -> Vec<u8> {
     serde_json::json!({
         "device_id": device,
@@ -128,16 +103,6 @@ mod tests {
             from_router("@sluice/presence/d1").as_deref(),
             Some("$sluice/presence/d1")
         );
-    }
-
-    #[test]
-    fn only_the_newest_connection_reports_its_disconnect() {
-        let t = PresenceTracker::default();
-        let old = t.connected("d1");
-        let new = t.connected("d1");
-        assert!(!t.disconnected("d1", old));
-        assert!(t.disconnected("d1", new));
-        assert!(!t.disconnected("d1", new));
     }
 
     #[test]
