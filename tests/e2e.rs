@@ -555,7 +555,22 @@ async fn mosquitto_pub_quick_start() {
         eprintln!("SKIPPED: mosquitto_pub is not installed (apt-get install -y mosquitto-clients)");
         return;
     }
-    let sluice = Sluice::start(|_| {}).await;
+    // As in the README: authentication on, the device created with the CLI.
+    let sluice = Sluice::start_with(
+        support::Options {
+            allow_anonymous: false,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let created = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["devices", "create", "dev-1"])
+        .env("DATABASE_URL", sluice.pg.database_url())
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let secret = String::from_utf8(created.stdout).unwrap().trim().to_owned();
     let status = std::process::Command::new("mosquitto_pub")
         .args([
             "-h",
@@ -565,6 +580,7 @@ async fn mosquitto_pub_quick_start() {
             "-q",
             "1",
         ])
+        .args(["-i", "dev-1", "-u", "dev-1", "-P", &secret])
         .args(["-t", "devices/dev-1/telemetry"])
         .args([
             "-m",

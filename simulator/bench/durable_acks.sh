@@ -28,8 +28,11 @@ stop_sluice() {
 }
 trap 'stop_sluice; rm -rf "$work"' EXIT
 
-# start_sluice DURABLE: one server per run, on the same managed PostgreSQL.
+# start_sluice DURABLE STARTS [STORE]: one server per run, on the same managed
+# PostgreSQL. STORE=false turns the rules off, so messages are acked and
+# dropped (counted) without reaching the database: the edge and spool alone.
 start_sluice() {
+  SLUICE_RULES__BUILTIN_TELEMETRY=${3:-true} SLUICE_RULES__STORE_UNMATCHED=${3:-true} \
   SLUICE_BROKER__DURABLE_ACKS=$1 SLUICE_BROKER__MAX_PUBLISH_RATE=0 \
     "$bin/sluice" serve --allow-anonymous --data-dir "$work/data" --rules "$work/rules" \
     --mqtt-listen "127.0.0.1:$mqtt" --ws-listen "127.0.0.1:$ws" \
@@ -74,6 +77,11 @@ out=$(run_sim "$half")
 stop_sluice
 lat=$(field "$out" "'p50 {p50} / p90 {p90} / p99 {p99} / max {max} ms'.format(**d['puback_latency_ms'])")
 achieved=$(field "$out" "round(d['msgs_per_sec'])")
+starts=$((starts + 1))
+start_sluice true "$starts" false
+out=$(run_sim "$half")
+stop_sluice
+edge_lat=$(field "$out" "'p50 {p50} / p90 {p90} / p99 {p99} / max {max} ms'.format(**d['puback_latency_ms'])")
 
 echo "| $(date -u +%F) | $(nproc) cores | $devices devices, QoS 1, ${duration}s × $rounds rounds | durable $d msg/s (${durable[*]}) | on receipt $i msg/s (${immediate[*]}) | $ratio |"
-echo "| $(date -u +%F) | $(nproc) cores | durable acks at half load: $achieved msg/s from $devices devices | $lat |"
+echo "| $(date -u +%F) | $(nproc) cores | durable acks at half load: $achieved msg/s from $devices devices | with storage: $lat | rules off (edge + spool only): $edge_lat |"

@@ -469,6 +469,11 @@ impl Session {
                     if let Err(v) = self.acknowledge(pkid, qos, result) {
                         return self.violation(v);
                     }
+                    // One group commit makes many of this client's messages
+                    // durable at once: send all their acks in one write.
+                    if let Err(v) = self.acknowledge_ready() {
+                        return self.violation(v);
+                    }
                 }
                 Ok(()) = &mut self.taken_over => return DisconnectReason::TakenOver,
                 notification = next_notification(&mut self.link) => match notification {
@@ -525,14 +530,20 @@ impl Session {
             }
         }
         // Acks that are already durable go out with this write.
+        if let Err(v) = self.acknowledge_ready() {
+            return Some(self.violation(v));
+        }
+        None
+    }
+
+    /// Queues the acks of every publish that is durable by now.
+    fn acknowledge_ready(&mut self) -> Result<(), Violation> {
         while let Some(Some((pkid, qos, result))) =
             futures_util::FutureExt::now_or_never(self.pending.next())
         {
-            if let Err(v) = self.acknowledge(pkid, qos, result) {
-                return Some(self.violation(v));
-            }
+            self.acknowledge(pkid, qos, result)?;
         }
-        None
+        Ok(())
     }
 
     fn violation(&self, v: Violation) -> DisconnectReason {
