@@ -410,6 +410,53 @@ async fn bad_packets_close_only_their_connection() {
         assert_eq!(received, vec![0x20, 0x02, 0x00, 0x00]);
     }
 
+    // After a good CONNECT: a second CONNECT, a topic that is not UTF-8,
+    // and a PUBLISH over the size limit each close that connection.
+    {
+        use rumqttc::mqttbytes::v4 as wire;
+        let connect = |id: &str| {
+            let mut c = wire::Connect::new(id);
+            c.keep_alive = 30;
+            let mut out = bytes::BytesMut::new();
+            wire::Packet::Connect(c)
+                .write(&mut out, usize::MAX)
+                .unwrap();
+            out.to_vec()
+        };
+        let mut bad_utf8 = vec![0x32, 0x08, 0x00, 0x02, 0xc3, 0x28, 0x00, 0x01, b'x', b'y'];
+        let mut oversized = {
+            let mut p = wire::Publish::new("t/big", QoS::AtLeastOnce, vec![0u8; 300 * 1024]);
+            p.pkid = 1;
+            let mut out = bytes::BytesMut::new();
+            wire::Packet::Publish(p)
+                .write(&mut out, usize::MAX)
+                .unwrap();
+            out.to_vec()
+        };
+        for (name, mut tail) in [
+            ("second", connect("second")),
+            ("utf8", std::mem::take(&mut bad_utf8)),
+            ("big", std::mem::take(&mut oversized)),
+        ] {
+            let mut bytes = connect(name);
+            bytes.append(&mut tail);
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", sluice.mqtt_port))
+                .await
+                .unwrap();
+            // The server may close before reading everything: ignore write errors.
+            let _ = s.write_all(&bytes).await;
+            let mut received = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut received))
+                .await
+                .expect("the server closes the connection");
+            assert_eq!(
+                received,
+                vec![0x20, 0x02, 0x00, 0x00],
+                "{name}: only a CONNACK"
+            );
+        }
+    }
+
     // The healthy client is unaffected.
     healthy
         .client
@@ -418,10 +465,14 @@ async fn bad_packets_close_only_their_connection() {
         .unwrap();
     wait_puback(&mut healthy).await;
     let metrics = sluice.metrics().await;
-    assert!(
-        metrics.contains("sluice_connections_closed_total{reason=\"bad_topic\"} 1"),
-        "{metrics}"
-    );
+    for reason in ["bad_topic", "second_connect", "oversized"] {
+        assert!(
+            metrics.contains(&format!(
+                "sluice_connections_closed_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
     sluice.stop();
 }
 
