@@ -667,3 +667,44 @@ async fn a_second_connection_with_the_same_id_takes_over() {
     assert!(device.online);
     sluice.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_logins_does_not_lock_out_the_real_device() {
+    let sluice = Sluice::start_with(authenticated(), |_| {}).await;
+    let secret = create_device(&sluice, "real").await;
+    // The first good login is hashed and cached.
+    mqtt_connect(sluice.device_options("real", &secret))
+        .await
+        .unwrap()
+        .kill();
+
+    // 40 wrong passwords at once: they queue for the two hash slots.
+    let flood: Vec<_> = (0..40)
+        .map(|i| {
+            let opts = sluice.device_options("real", &format!("guess-{i}"));
+            tokio::spawn(async move { mqtt_connect(opts).await.err() })
+        })
+        .collect();
+    // Meanwhile the real device reconnects: a cache hit needs no slot.
+    for _ in 0..5 {
+        let c = mqtt_connect(sluice.device_options("real", &secret)).await;
+        assert!(c.is_ok(), "the real device was refused: {:?}", c.err());
+        c.unwrap().kill();
+    }
+    for attempt in flood {
+        let refusal = attempt
+            .await
+            .unwrap()
+            .expect("a wrong password was accepted");
+        assert!(
+            refusal.contains("BadUserNamePassword") || refusal.contains("ServiceUnavailable"),
+            "{refusal}"
+        );
+    }
+    let metrics = sluice.metrics().await;
+    assert!(
+        metrics.contains("sluice_auth_cache_hits_total"),
+        "{metrics}"
+    );
+    sluice.stop();
+}
