@@ -9,41 +9,18 @@
 #   (defaults 50 devices, 15 s per run, 3 rounds). Each device keeps up to
 # 100 QoS 1 messages in flight. Prints Markdown rows for BENCHMARKS.md.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
 devices=${1:-50}
 duration=${2:-15}
 rounds=${3:-3}
-cd "$root"
-cargo build --release -q -p sluice -p sluice-simulator
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
+# shellcheck source=simulator/bench/common.sh
+source "$(dirname "$0")/common.sh"
 
-work=$(mktemp -d /tmp/sluice-bench-XXXXXX)
-chmod 755 "$work"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-mqtt=$(free_port); ws=$(free_port); grpc=$(free_port); metrics=$(free_port)
-sluice_pid=""
-stop_sluice() {
-  if [ -n "$sluice_pid" ]; then kill -TERM "$sluice_pid" 2>/dev/null || true; wait "$sluice_pid" 2>/dev/null || true; fi
-  sluice_pid=""
-}
-trap 'stop_sluice; rm -rf "$work"' EXIT
-
-# start_sluice DURABLE STARTS [STORE]: one server per run, on the same managed
-# PostgreSQL. STORE=false turns the rules off, so messages are acked and
-# dropped (counted) without reaching the database: the edge and spool alone.
-start_sluice() {
-  SLUICE_RULES__BUILTIN_TELEMETRY=${3:-true} SLUICE_RULES__STORE_UNMATCHED=${3:-true} \
-  SLUICE_BROKER__DURABLE_ACKS=$1 SLUICE_BROKER__MAX_PUBLISH_RATE=0 \
-    "$bin/sluice" serve --allow-anonymous --data-dir "$work/data" --rules "$work/rules" \
-    --mqtt-listen "127.0.0.1:$mqtt" --ws-listen "127.0.0.1:$ws" \
-    --grpc-listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
-    >>"$work/sluice.log" 2>&1 &
-  sluice_pid=$!
-  for _ in $(seq 600); do
-    [ "$(grep -c "sluice is ready" "$work/sluice.log")" -ge "$2" ] && return 0
-    sleep 0.1
-  done
-  cat "$work/sluice.log"; exit 1
+# with_storage DURABLE [STORE]: STORE=false turns the rules off, so messages
+# are acked and dropped (counted) without reaching the database: the edge
+# and spool alone.
+with_storage() {
+  start_sluice SLUICE_BROKER__DURABLE_ACKS="$1" \
+    SLUICE_RULES__BUILTIN_TELEMETRY="${2:-true}" SLUICE_RULES__STORE_UNMATCHED="${2:-true}"
 }
 
 # run_sim RATE → the simulator's JSON summary
@@ -52,12 +29,10 @@ run_sim() {
 }
 field() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2]))" "$1" "$2"; }
 
-starts=0
 durable=(); immediate=()
 for round in $(seq "$rounds"); do
   for mode in true false; do
-    starts=$((starts + 1))
-    start_sluice "$mode" "$starts"
+    with_storage "$mode"
     out=$(run_sim 0)
     stop_sluice
     rate=$(field "$out" "d['msgs_per_sec']")
@@ -71,14 +46,12 @@ d=$(median "${durable[@]}"); i=$(median "${immediate[@]}")
 ratio=$(python3 -c "print(f'{$d / $i:.0%}')")
 
 half=$(python3 -c "print($d / 2 / $devices)")
-starts=$((starts + 1))
-start_sluice true "$starts"
+with_storage true
 out=$(run_sim "$half")
 stop_sluice
 lat=$(field "$out" "'p50 {p50} / p90 {p90} / p99 {p99} / max {max} ms'.format(**d['puback_latency_ms'])")
 achieved=$(field "$out" "round(d['msgs_per_sec'])")
-starts=$((starts + 1))
-start_sluice true "$starts" false
+with_storage true false
 out=$(run_sim "$half")
 stop_sluice
 edge_lat=$(field "$out" "'p50 {p50} / p90 {p90} / p99 {p99} / max {max} ms'.format(**d['puback_latency_ms'])")

@@ -18,28 +18,12 @@
 # anonymously (--allow-anonymous), with the per-connection rate limit off.
 # Prints one Markdown table row for BENCHMARKS.md.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
 devices=${1:-50}
 duration=${2:-30}
 rate=${3:-0}
-cd "$root"
-cargo build --release -q -p sluice -p sluice-simulator
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
-
-work=$(mktemp -d /tmp/sluice-bench-XXXXXX)
-chmod 755 "$work"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-mqtt=$(free_port); grpc=$(free_port); metrics=$(free_port)
-
-ws=$(free_port)
-SLUICE_BROKER__MAX_PUBLISH_RATE=0 "$bin/sluice" serve --allow-anonymous --data-dir "$work/data" --rules "$work/rules" \
-  --mqtt-listen "127.0.0.1:$mqtt" --ws-listen "127.0.0.1:$ws" --grpc-listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
-  >"$work/sluice.log" 2>&1 &
-sluice_pid=$!
-cleanup() { kill -TERM "$sluice_pid" 2>/dev/null || true; wait "$sluice_pid" 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-for _ in $(seq 600); do grep -q "sluice is ready" "$work/sluice.log" && break; sleep 0.1; done
-grep -q "sluice is ready" "$work/sluice.log" || { cat "$work/sluice.log"; exit 1; }
+# shellcheck source=simulator/bench/common.sh
+source "$(dirname "$0")/common.sh"
+start_sluice
 
 export PGPASSWORD
 PGPASSWORD=$(cat "$work/data/pg-password")

@@ -6,9 +6,7 @@
 # Raises the file-descriptor limit for itself and its children. Each device
 # connects (spread over 10 s), publishes one message and then stays idle.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
 connections=${1:-10000}
-cd "$root"
 # Sluice and the simulator each hold one descriptor per connection.
 want=$((connections + 1024))
 hard=$(ulimit -Hn)
@@ -16,22 +14,9 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
   echo "need $want open files per process, the hard limit is $hard" >&2; exit 1
 fi
 ulimit -n "$want"
-cargo build --release -q -p sluice -p sluice-simulator
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
-
-work=$(mktemp -d /tmp/sluice-bench-XXXXXX)
-chmod 755 "$work"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-mqtt=$(free_port); ws=$(free_port); grpc=$(free_port); metrics=$(free_port)
-SLUICE_BROKER__MAX_CONNECTIONS=$((connections + 100)) \
-  "$bin/sluice" serve --allow-anonymous --data-dir "$work/data" --rules "$work/rules" \
-  --mqtt-listen "127.0.0.1:$mqtt" --ws-listen "127.0.0.1:$ws" \
-  --grpc-listen "127.0.0.1:$grpc" --metrics-listen "127.0.0.1:$metrics" \
-  >"$work/sluice.log" 2>&1 &
-sluice_pid=$!
-trap 'kill -TERM $sluice_pid 2>/dev/null || true; wait $sluice_pid 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 600); do grep -q "sluice is ready" "$work/sluice.log" && break; sleep 0.1; done
-grep -q "sluice is ready" "$work/sluice.log" || { cat "$work/sluice.log"; exit 1; }
+# shellcheck source=simulator/bench/common.sh
+source "$(dirname "$0")/common.sh"
+start_sluice SLUICE_BROKER__MAX_CONNECTIONS=$((connections + 100))
 
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$sluice_pid/status"; }
 connected() { curl -s "127.0.0.1:$metrics/metrics" | awk '$1 ~ /^sluice_connections\{/ { n += $2 } END { print n + 0 }'; }
