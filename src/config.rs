@@ -28,6 +28,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Connections in the database pool (writer and queries).
     pub database_max_connections: u32,
+    /// At shutdown, how long to wait for the database to store what the
+    /// spool still holds; what is left is stored at the next start.
+    pub shutdown_drain_ms: u64,
     pub broker: BrokerConfig,
     pub rules: RulesConfig,
     pub ingest: WriterConfig,
@@ -41,6 +44,7 @@ impl Default for Config {
             grpc_listen: "0.0.0.0:50051".parse().expect("valid address"),
             metrics_listen: "127.0.0.1:9464".parse().expect("valid address"),
             database_max_connections: 8,
+            shutdown_drain_ms: 30_000,
             broker: BrokerConfig::default(),
             rules: RulesConfig::default(),
             ingest: WriterConfig::default(),

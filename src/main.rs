@@ -147,7 +147,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config.to_masked_toml()?);
             Ok(())
         }
-        Command::Serve => runtime()?.block_on(serve::serve(config)),
+        Command::Serve => {
+            let rt = runtime()?;
+            let result = rt.block_on(serve::serve(config));
+            // A pipeline thread still blocked on a database that went away
+            // must not hold the exit (its messages are safe in the spool).
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
+        }
         Command::Devices(command) => runtime()?.block_on(devices_cmd::run(&config, command)),
         Command::SecretHash => {
             let secret = sluice_ingest::devices::generate_secret();

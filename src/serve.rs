@@ -133,17 +133,35 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         }
     }
 
+    tokio::task::spawn_blocking(move || broker.shutdown()).await?;
+    // The spool is closed: the pipeline reads what it still holds and the
+    // writer stores it, unless the database is away. Then there is no point
+    // in waiting for ever: whatever is not stored stays in the spool, and
+    // the next start replays it.
     let pipeline_thread = pipeline.thread;
-    tokio::task::spawn_blocking(move || {
-        broker.shutdown();
-        let _ = pipeline_thread.join();
+    let drain_limit = std::time::Duration::from_millis(config.shutdown_drain_ms);
+    let drained = tokio::time::timeout(drain_limit, async {
+        let _ = tokio::task::spawn_blocking(move || pipeline_thread.join()).await;
+        (&mut writer).await
     })
-    .await?;
-    writer.await?;
+    .await;
+    match drained {
+        Ok(result) => {
+            result?;
+            info!("every batch flushed");
+        }
+        Err(_) => {
+            writer.abort();
+            warn!(
+                unstored_bytes = checkpoint.pending_bytes(),
+                "the database did not take the rest within shutdown_drain_ms; \
+                 it stays in the spool and is stored at the next start"
+            );
+        }
+    }
     if let Err(e) = checkpoint.flush() {
         warn!(error = %e, "cannot save the spool checkpoint; the next start replays more");
     }
-    info!("every batch flushed");
     let _ = grpc_stop_tx.send(());
     grpc.await??;
     Ok(())

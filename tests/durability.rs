@@ -279,3 +279,68 @@ async fn a_database_outage_delays_storage_but_loses_nothing() {
     assert!(metrics.contains("sluice_write_errors_total"), "{metrics}");
     sluice.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_while_the_database_is_away_keeps_the_rest_in_the_spool() {
+    let mut sluice = Sluice::start_with(
+        Options {
+            allow_anonymous: false,
+            env: vec![("SLUICE_SHUTDOWN_DRAIN_MS".into(), "2000".into())],
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    let (_, secret) = sluice_ingest::devices::create(&sluice.db, "q1", serde_json::json!({}))
+        .await
+        .unwrap();
+    // Verified once while the registry is reachable...
+    let acked = Arc::new(AtomicU64::new(0));
+    stream(
+        device_options(&sluice, "q1", &secret),
+        "devices/q1/telemetry".into(),
+        0..100,
+        acked.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(acked.load(Ordering::SeqCst), 100);
+
+    // ...so the device gets back in while PostgreSQL is down, and every
+    // message is acknowledged from the spool.
+    sluice.pg.suspend("immediate").await.unwrap();
+    stream(
+        device_options(&sluice, "q1", &secret),
+        "devices/q1/telemetry".into(),
+        100..1100,
+        acked.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(acked.load(Ordering::SeqCst), 1100, "{}", sluice.log());
+
+    // SIGTERM does not wait for the database for ever (terminate() asserts
+    // a clean exit)...
+    sluice.terminate();
+    assert!(
+        sluice.log().contains("stays in the spool"),
+        "{}",
+        sluice.log()
+    );
+
+    // ...and the next start stores the rest.
+    sluice.pg.resume().await.unwrap();
+    sluice.restart().await;
+    let want: BTreeMap<String, u64> = [("q1".to_string(), 1100)].into();
+    sluice
+        .eventually(
+            "the spooled messages stored",
+            Duration::from_secs(60),
+            || async {
+                let s = stored_seqs(&sluice.db).await;
+                all_acked_stored(&s, &want).then_some(())
+            },
+        )
+        .await;
+    sluice.stop();
+}

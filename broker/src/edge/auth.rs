@@ -27,6 +27,11 @@ use tracing::warn;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// How long a login or a presence update waits for the registry. A database
+/// that is away makes its pool wait far longer than a client's CONNECT
+/// patience; failing fast lets known devices in on their cached secret.
+pub const REGISTRY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A device's stored credential.
 #[derive(Debug, Clone)]
 pub struct DeviceCredential {
@@ -229,6 +234,14 @@ impl Authenticator {
         let cred = match self.device_credential(username).await {
             Ok(Some(cred)) => cred,
             Ok(None) => return refused(BadUserNamePassword, "unknown_device"),
+            // The database is away: a device whose secret was verified
+            // before may come back on that (it cannot have been disabled or
+            // rotated meanwhile: that needs the database too). Its messages
+            // wait in the spool.
+            Err(_) if self.matches_cache(username, password) => {
+                counter!("sluice_auth_offline_accepts_total").increment(1);
+                return self.accept_device(username);
+            }
             Err(outcome) => return outcome,
         };
         match self
@@ -238,10 +251,21 @@ impl Authenticator {
             // The secret is checked first so a disabled device's answer does
             // not tell a stranger that the id exists.
             Ok(true) if cred.enabled => self.accept_device(username),
-            Ok(true) => refused(NotAuthorized, "device_disabled"),
+            Ok(true) => {
+                // Only enabled devices stay cached (see `matches_cache`).
+                self.cache.remove(&(true, username.to_owned()));
+                refused(NotAuthorized, "device_disabled")
+            }
             Ok(false) => refused(BadUserNamePassword, "bad_secret"),
             Err(outcome) => outcome,
         }
+    }
+
+    /// True if `secret` is the device's last verified secret.
+    fn matches_cache(&self, device: &str, secret: &str) -> bool {
+        self.cache
+            .get(&(true, device.to_owned()))
+            .is_some_and(|c| bool::from(c.digest.ct_eq(&digest(&c.stored_hash, secret))))
     }
 
     fn accept_device(&self, id: &str) -> AuthOutcome {
@@ -252,7 +276,11 @@ impl Authenticator {
     }
 
     async fn device_credential(&self, id: &str) -> Result<Option<DeviceCredential>, AuthOutcome> {
-        self.registry.credential(id).await.map_err(|e| {
+        let lookup = tokio::time::timeout(REGISTRY_TIMEOUT, self.registry.credential(id));
+        let found = lookup
+            .await
+            .unwrap_or_else(|_| Err("no answer from the registry in time".into()));
+        found.map_err(|e| {
             warn!(device = id, error = %e, "cannot read the device registry");
             refused(
                 ConnectReturnCode::ServiceUnavailable,
@@ -319,9 +347,11 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A registry whose "hash" is the secret itself, counting checks.
+    /// A registry whose "hash" is the secret itself, counting checks; it
+    /// can be made to fail like a database that went away.
     struct FakeRegistry {
         checks: AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
     }
 
     impl DeviceRegistry for FakeRegistry {
@@ -330,6 +360,9 @@ mod tests {
             id: &'a str,
         ) -> BoxFuture<'a, Result<Option<DeviceCredential>, String>> {
             Box::pin(async move {
+                if self.down.load(Ordering::SeqCst) {
+                    return Err("database unreachable".into());
+                }
                 Ok(match id {
                     "d1" => Some(DeviceCredential {
                         secret_hash: "s1".into(),
@@ -361,6 +394,7 @@ mod tests {
     fn auth(allow_anonymous: bool) -> (Authenticator, Arc<FakeRegistry>) {
         let reg = Arc::new(FakeRegistry {
             checks: AtomicUsize::new(0),
+            down: Default::default(),
         });
         let mut cfg = BrokerConfig {
             allow_anonymous,
@@ -444,6 +478,28 @@ mod tests {
             None
         );
         assert_eq!(reg.checks.load(Ordering::SeqCst), before);
+    }
+
+    #[tokio::test]
+    async fn with_the_registry_down_only_a_previously_verified_secret_gets_in() {
+        let (a, reg) = auth(false);
+        assert_eq!(
+            code(a.authenticate(creds("d1", Some("d1"), Some("s1"))).await),
+            None
+        );
+        reg.down.store(true, Ordering::SeqCst);
+        assert_eq!(
+            code(a.authenticate(creds("d1", Some("d1"), Some("s1"))).await),
+            None
+        );
+        assert_eq!(
+            code(a.authenticate(creds("d1", Some("d1"), Some("s2"))).await),
+            Some(ConnectReturnCode::ServiceUnavailable)
+        );
+        assert_eq!(
+            code(a.authenticate(creds("off", Some("off"), Some("s2"))).await),
+            Some(ConnectReturnCode::ServiceUnavailable)
+        );
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@
 //! loss.
 
 use super::EdgeShared;
-use super::auth::{AuthOutcome, Credentials, Principal};
+use super::auth::{AuthOutcome, Credentials, Principal, REGISTRY_TIMEOUT};
 use super::presence::{self, DisconnectReason, ROUTER_PREFIX};
 use crate::acl::ClientAcl;
 use crate::limits::{TokenBucket, TopicLimits, check_topic_filter, check_topic_name};
@@ -254,13 +254,15 @@ pub(crate) async fn serve(
 
         let connected_at = Utc::now();
         if let Principal::Device { id } = &principal {
-            if let Err(e) = shared
-                .auth
-                .registry()
-                .record_presence(id, true, connected_at, connected_at)
-                .await
-            {
-                warn!(error = %e, "cannot record the connect in the registry");
+            let update =
+                shared
+                    .auth
+                    .registry()
+                    .record_presence(id, true, connected_at, connected_at);
+            match tokio::time::timeout(REGISTRY_TIMEOUT, update).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "cannot record the connect in the registry"),
+                Err(_) => warn!("the registry did not record the connect in time"),
             }
             presence::publish(&shared.publisher, id, true, connected_at, "connected");
         }
@@ -989,14 +991,15 @@ impl Session {
         {
             let at = Utc::now();
             presence::publish(&self.shared.publisher, id, false, at, reason.as_str());
-            if let Err(e) = self
+            let update = self
                 .shared
                 .auth
                 .registry()
-                .record_presence(id, false, at, connected_at)
-                .await
-            {
-                warn!(error = %e, "cannot record the disconnect in the registry");
+                .record_presence(id, false, at, connected_at);
+            match tokio::time::timeout(REGISTRY_TIMEOUT, update).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "cannot record the disconnect in the registry"),
+                Err(_) => warn!("the registry did not record the disconnect in time"),
             }
         }
     }
