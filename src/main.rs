@@ -7,6 +7,7 @@ mod database;
 mod devices_cmd;
 mod pipeline;
 mod registry;
+mod rules_cmd;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -73,6 +74,9 @@ enum Command {
     /// Manage the device registry (uses the database exactly as `serve` does).
     #[command(subcommand)]
     Devices(devices_cmd::DevicesCommand),
+    /// Work with rule modules (test one locally on sample messages).
+    #[command(subcommand)]
+    Rules(rules_cmd::RulesCommand),
     /// Generate a secret for an application client and print it with its
     /// Argon2id hash, for `broker.applications.NAME.secret_hash`.
     SecretHash,
@@ -106,7 +110,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("sluice: {e:#}");
             std::process::ExitCode::FAILURE
@@ -140,12 +144,13 @@ fn init_logging() {
         .init();
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     let config = Config::load(cli.config.as_deref(), &cli.flags.overrides())?;
+    let success = |done: anyhow::Result<()>| done.map(|()| std::process::ExitCode::SUCCESS);
     match cli.command {
         Command::Config(ConfigCommand::Print) => {
             print!("{}", config.to_masked_toml()?);
-            Ok(())
+            success(Ok(()))
         }
         Command::Serve => {
             let rt = runtime()?;
@@ -153,9 +158,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // A pipeline thread still blocked on a database that went away
             // must not hold the exit (its messages are safe in the spool).
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
-            result
+            success(result)
         }
-        Command::Devices(command) => runtime()?.block_on(devices_cmd::run(&config, command)),
+        Command::Devices(command) => {
+            success(runtime()?.block_on(devices_cmd::run(&config, command)))
+        }
+        Command::Rules(command) => rules_cmd::run(command, &config.rules.limits),
         Command::SecretHash => {
             let secret = sluice_ingest::devices::generate_secret();
             let hash = sluice_ingest::devices::hash_secret(&secret)?;
@@ -164,7 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("{secret}");
             println!("{hash}");
-            Ok(())
+            success(Ok(()))
         }
     }
 }
