@@ -93,8 +93,7 @@ impl Sluice {
             db,
             tmp,
         };
-        s.spawn();
-        s.wait_ready().await;
+        s.spawn_until_ready().await;
         s
     }
 
@@ -146,15 +145,39 @@ impl Sluice {
     /// Starts Sluice again on the same ports, data directory and database.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill sluice first");
-        self.spawn();
-        self.wait_ready().await;
+        self.spawn_until_ready().await;
     }
 
-    async fn wait_ready(&mut self) {
+    /// Spawns and waits until ready. A port picked by `free_port` can be
+    /// taken by someone else before Sluice binds it (tests run in
+    /// parallel); then Sluice exits at once, and it is tried again on fresh
+    /// ports.
+    async fn spawn_until_ready(&mut self) {
+        for _ in 0..5 {
+            let log_before = self.log().len();
+            self.spawn();
+            match self.wait_ready().await {
+                Ok(()) => return,
+                Err(log) if log[log_before..].contains("Address already in use") => {
+                    self.child = None;
+                    self.mqtt_port = free_port();
+                    self.mqtts_port = free_port();
+                    self.ws_port = free_port();
+                    self.grpc_port = free_port();
+                    self.metrics_port = free_port();
+                }
+                Err(log) => panic!("sluice exited early:\n{log}"),
+            }
+        }
+        panic!("no free ports for sluice after 5 attempts:\n{}", self.log());
+    }
+
+    /// Ok once ready; Err(log) if the process exited first.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("sluice exited early ({status}):\n{}", self.log());
+            if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                return Err(self.log());
             }
             if let Ok(channel) =
                 Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port))
@@ -171,7 +194,7 @@ impl Sluice {
                         == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
                     && std::net::TcpStream::connect(("127.0.0.1", self.mqtt_port)).is_ok()
                 {
-                    return;
+                    return Ok(());
                 }
             }
             assert!(
