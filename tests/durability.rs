@@ -109,10 +109,9 @@ const PER_DEVICE: u64 = 10_000;
 async fn acknowledged_messages_survive_sigkill() {
     let mut sluice = Sluice::start_with(
         Options {
-            allow_anonymous: false,
             // No throttling: the point is to be mid-stream at the kill.
             env: vec![("SLUICE_BROKER__MAX_PUBLISH_RATE".into(), "0".into())],
-            ..Default::default()
+            ..Options::authenticated()
         },
         |_| {},
     )
@@ -120,9 +119,7 @@ async fn acknowledged_messages_survive_sigkill() {
     let mut devices = Vec::new();
     for i in 0..DEVICES {
         let id = format!("k{i}");
-        let (_, secret) = sluice_ingest::devices::create(&sluice.db, &id, serde_json::json!({}))
-            .await
-            .unwrap();
+        let secret = sluice.create_device(&id).await;
         devices.push((id, secret, Arc::new(AtomicU64::new(0))));
     }
 
@@ -224,17 +221,8 @@ async fn acknowledged_messages_survive_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_delays_storage_but_loses_nothing() {
-    let sluice = Sluice::start_with(
-        Options {
-            allow_anonymous: false,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await;
-    let (_, secret) = sluice_ingest::devices::create(&sluice.db, "o1", serde_json::json!({}))
-        .await
-        .unwrap();
+    let sluice = Sluice::start_with(Options::authenticated(), |_| {}).await;
+    let secret = sluice.create_device("o1").await;
     const RATE: u64 = 250;
     const COUNT: u64 = RATE * 40;
     let acked = Arc::new(AtomicU64::new(0));
@@ -284,16 +272,13 @@ async fn a_database_outage_delays_storage_but_loses_nothing() {
 async fn stopping_while_the_database_is_away_keeps_the_rest_in_the_spool() {
     let mut sluice = Sluice::start_with(
         Options {
-            allow_anonymous: false,
             env: vec![("SLUICE_SHUTDOWN_DRAIN_MS".into(), "2000".into())],
-            ..Default::default()
+            ..Options::authenticated()
         },
         |_| {},
     )
     .await;
-    let (_, secret) = sluice_ingest::devices::create(&sluice.db, "q1", serde_json::json!({}))
-        .await
-        .unwrap();
+    let secret = sluice.create_device("q1").await;
     // Verified once while the registry is reachable...
     let acked = Arc::new(AtomicU64::new(0));
     stream(

@@ -556,14 +556,7 @@ async fn mosquitto_pub_quick_start() {
         return;
     }
     // As in the README: authentication on, the device created with the CLI.
-    let sluice = Sluice::start_with(
-        support::Options {
-            allow_anonymous: false,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await;
+    let sluice = Sluice::start_with(support::Options::authenticated(), |_| {}).await;
     let created = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["devices", "create", "dev-1"])
         .env("DATABASE_URL", sluice.pg.database_url())

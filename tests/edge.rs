@@ -8,20 +8,6 @@ use serde_json::Value;
 use std::time::Duration;
 use support::{MqttConn, Options, Sluice, mqtt_connect};
 
-fn authenticated() -> Options {
-    Options {
-        allow_anonymous: false,
-        ..Default::default()
-    }
-}
-
-async fn create_device(sluice: &Sluice, id: &str) -> String {
-    let (_, secret) = sluice_ingest::devices::create(&sluice.db, id, serde_json::json!({}))
-        .await
-        .unwrap();
-    secret
-}
-
 fn refused_with(result: Result<MqttConn, String>, code: ConnectReturnCode) {
     match result {
         Ok(_) => panic!("connected, expected refusal {code:?}"),
@@ -54,9 +40,9 @@ async fn wait_puback(conn: &mut MqttConn) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_decide_who_connects() {
-    let sluice = Sluice::start_with(authenticated(), |_| {}).await;
-    let secret = create_device(&sluice, "d1").await;
-    let off_secret = create_device(&sluice, "off").await;
+    let sluice = Sluice::start_with(Options::authenticated(), |_| {}).await;
+    let secret = sluice.create_device("d1").await;
+    let off_secret = sluice.create_device("off").await;
     sluice_ingest::devices::set_enabled(&sluice.db, "off", false)
         .await
         .unwrap();
@@ -107,9 +93,9 @@ async fn credentials_decide_who_connects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_is_confined_to_its_own_topics() {
-    let sluice = Sluice::start_with(authenticated(), |_| {}).await;
-    let s1 = create_device(&sluice, "d1").await;
-    create_device(&sluice, "d2").await;
+    let sluice = Sluice::start_with(Options::authenticated(), |_| {}).await;
+    let s1 = sluice.create_device("d1").await;
+    sluice.create_device("d2").await;
 
     let mut d1 = mqtt_connect(sluice.device_options("d1", &s1))
         .await
@@ -208,12 +194,12 @@ async fn applications_presence_and_wills() {
     let sluice = Sluice::start_with(
         Options {
             config_toml: Some(APP_CONFIG.replace("HASH", &hash)),
-            ..authenticated()
+            ..Options::authenticated()
         },
         |_| {},
     )
     .await;
-    let s1 = create_device(&sluice, "d1").await;
+    let s1 = sluice.create_device("d1").await;
 
     let mut app_opts = MqttOptions::new("ui-1", "127.0.0.1", sluice.mqtt_port);
     app_opts.set_keep_alive(Duration::from_secs(30));
@@ -628,8 +614,8 @@ async fn qos2_and_persistent_sessions_through_the_router() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_connection_with_the_same_id_takes_over() {
-    let sluice = Sluice::start_with(authenticated(), |_| {}).await;
-    let secret = create_device(&sluice, "twin").await;
+    let sluice = Sluice::start_with(Options::authenticated(), |_| {}).await;
+    let secret = sluice.create_device("twin").await;
     // The first one only publishes (no router link of its own), the second
     // one also subscribes: takeover must work either way.
     let mut first = mqtt_connect(sluice.device_options("twin", &secret))
@@ -670,8 +656,8 @@ async fn a_second_connection_with_the_same_id_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bad_logins_does_not_lock_out_the_real_device() {
-    let sluice = Sluice::start_with(authenticated(), |_| {}).await;
-    let secret = create_device(&sluice, "real").await;
+    let sluice = Sluice::start_with(Options::authenticated(), |_| {}).await;
+    let secret = sluice.create_device("real").await;
     // The first good login is hashed and cached.
     mqtt_connect(sluice.device_options("real", &secret))
         .await

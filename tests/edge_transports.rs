@@ -91,17 +91,14 @@ async fn mutual_tls_and_passwords_over_tls() {
     let pki = Pki::new();
     let sluice = Sluice::start_with(
         Options {
-            allow_anonymous: false,
             env: pki.sluice_env(),
-            ..Default::default()
+            ..Options::authenticated()
         },
         |_| {},
     )
     .await;
     for id in ["d1", "d2"] {
-        sluice_ingest::devices::create(&sluice.db, id, serde_json::json!({}))
-            .await
-            .unwrap();
+        sluice.create_device(id).await;
     }
     let d2_secret = sluice_ingest::devices::rotate_secret(&sluice.db, "d2")
         .await
@@ -164,17 +161,8 @@ async fn mqtt_over_websocket() {
     use async_tungstenite::tungstenite::client::IntoClientRequest;
     use futures_util::{SinkExt, StreamExt};
 
-    let sluice = Sluice::start_with(
-        Options {
-            allow_anonymous: false,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await;
-    let (_, secret) = sluice_ingest::devices::create(&sluice.db, "w1", serde_json::json!({}))
-        .await
-        .unwrap();
+    let sluice = Sluice::start_with(Options::authenticated(), |_| {}).await;
+    let secret = sluice.create_device("w1").await;
 
     let mut request = format!("ws://127.0.0.1:{}/mqtt", sluice.ws_port)
         .into_client_request()

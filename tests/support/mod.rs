@@ -23,6 +23,16 @@ pub struct Options {
     pub config_toml: Option<String>,
 }
 
+impl Options {
+    /// Authentication on (no `--allow-anonymous`).
+    pub fn authenticated() -> Self {
+        Self {
+            allow_anonymous: false,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -214,6 +224,14 @@ impl Sluice {
         TelemetryClient::connect(format!("http://127.0.0.1:{}", self.grpc_port))
             .await
             .unwrap()
+    }
+
+    /// Registers a device; returns its secret.
+    pub async fn create_device(&self, id: &str) -> String {
+        let (_, secret) = sluice_ingest::devices::create(&self.db, id, serde_json::json!({}))
+            .await
+            .unwrap();
+        secret
     }
 
     /// A device that authenticates with its id and secret.
