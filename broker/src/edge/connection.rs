@@ -458,7 +458,7 @@ impl Session {
                 debug!(error = %e, "write failed");
                 return DisconnectReason::ConnectionLost;
             }
-            let can_read = self.pending.len() < self.shared.config.max_inflight.max(1)
+            let can_read = self.below_inflight_limit()
                 && self.throttled_until.is_none_or(|t| Instant::now() >= t);
             let throttle = self.throttled_until.filter(|_| !can_read);
             let keep_alive = self.keep_alive.map(|k| last_heard + k);
@@ -522,8 +522,7 @@ impl Session {
                 Ok(None) => {}
                 Err(v) => return Some(self.violation(v)),
             }
-            let can_read = self.pending.len() < self.shared.config.max_inflight.max(1)
-                && self.throttled_until.is_none();
+            let can_read = self.below_inflight_limit() && self.throttled_until.is_none();
             if can_read {
                 match self.wire.decode() {
                     Ok(p) => next = p,
@@ -548,6 +547,11 @@ impl Session {
         Ok(())
     }
 
+    /// The socket is read only while fewer acks than `max_inflight` wait.
+    fn below_inflight_limit(&self) -> bool {
+        self.pending.len() < self.shared.config.max_inflight.max(1)
+    }
+
     fn violation(&self, v: Violation) -> DisconnectReason {
         counter!("sluice_connections_closed_total", "reason" => v.label()).increment(1);
         debug!(violation = %v, "closing the connection");
@@ -558,33 +562,15 @@ impl Session {
         match packet {
             Packet::Publish(p) => self.publish(p).await.map(|_| None),
             Packet::PubAck(a) => {
-                self.queue_for_router(router::Packet::PubAck(
-                    router::PubAck {
-                        pkid: a.pkid,
-                        reason: router::PubAckReason::Success,
-                    },
-                    None,
-                ));
+                self.queue_for_router(router_puback(a.pkid));
                 Ok(None)
             }
             Packet::PubRec(r) => {
-                self.queue_for_router(router::Packet::PubRec(
-                    router::PubRec {
-                        pkid: r.pkid,
-                        reason: router::PubRecReason::Success,
-                    },
-                    None,
-                ));
+                self.queue_for_router(router_pubrec(r.pkid));
                 Ok(None)
             }
             Packet::PubComp(c) => {
-                self.queue_for_router(router::Packet::PubComp(
-                    router::PubComp {
-                        pkid: c.pkid,
-                        reason: router::PubCompReason::Success,
-                    },
-                    None,
-                ));
+                self.queue_for_router(router_pubcomp(c.pkid));
                 Ok(None)
             }
             Packet::PubRel(r) => {
@@ -889,13 +875,7 @@ impl Session {
             }
             router::Packet::PubRel(r, props) => {
                 if self.dropped_qos2.remove(&r.pkid) {
-                    self.queue_for_router(router::Packet::PubComp(
-                        router::PubComp {
-                            pkid: r.pkid,
-                            reason: router::PubCompReason::Success,
-                        },
-                        None,
-                    ));
+                    self.queue_for_router(router_pubcomp(r.pkid));
                 } else {
                     self.wire.queue_router(router::Packet::PubRel(r, props));
                 }
@@ -934,22 +914,10 @@ impl Session {
         }
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.queue_for_router(router::Packet::PubAck(
-                router::PubAck {
-                    pkid: p.pkid,
-                    reason: router::PubAckReason::Success,
-                },
-                None,
-            )),
+            QoS::AtLeastOnce => self.queue_for_router(router_puback(p.pkid)),
             QoS::ExactlyOnce => {
                 self.dropped_qos2.insert(p.pkid);
-                self.queue_for_router(router::Packet::PubRec(
-                    router::PubRec {
-                        pkid: p.pkid,
-                        reason: router::PubRecReason::Success,
-                    },
-                    None,
-                ))
+                self.queue_for_router(router_pubrec(p.pkid))
             }
         }
     }
@@ -1046,6 +1014,37 @@ impl Session {
             warn!(error = %e, "cannot deliver the will to subscribers");
         }
     }
+}
+
+/// Acknowledgements towards the router, for its deliveries to this client.
+fn router_puback(pkid: u16) -> router::Packet {
+    router::Packet::PubAck(
+        router::PubAck {
+            pkid,
+            reason: router::PubAckReason::Success,
+        },
+        None,
+    )
+}
+
+fn router_pubrec(pkid: u16) -> router::Packet {
+    router::Packet::PubRec(
+        router::PubRec {
+            pkid,
+            reason: router::PubRecReason::Success,
+        },
+        None,
+    )
+}
+
+fn router_pubcomp(pkid: u16) -> router::Packet {
+    router::Packet::PubComp(
+        router::PubComp {
+            pkid,
+            reason: router::PubCompReason::Success,
+        },
+        None,
+    )
 }
 
 fn qos_label(q: QoS) -> &'static str {
