@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use sluice_broker::BrokerConfig;
 use sluice_ingest::WriterConfig;
-use sluice_rules::Limits;
+use sluice_rules::{Limits, PoolConfig, SuspendPolicy};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -67,6 +67,14 @@ pub struct RulesConfig {
     pub max_hops: u8,
     /// Default limits of every WASM rule; a manifest's `[limits]` overrides them.
     pub limits: Limits,
+    /// Threads that run rules; a device's messages always go to the same one.
+    pub workers: usize,
+    /// Guest failures of any kind in a row after which a rule is suspended (0: never).
+    pub suspend_after_failures: u32,
+    /// Guest timeouts in a row after which a rule is suspended (0: never).
+    pub suspend_after_timeouts: u32,
+    /// The engine's instance pool: its size bounds instances and rule limits.
+    pub pool: PoolConfig,
 }
 
 impl Default for RulesConfig {
@@ -78,6 +86,10 @@ impl Default for RulesConfig {
             batch_size: 256,
             max_hops: 8,
             limits: Limits::default(),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            suspend_after_failures: SuspendPolicy::default().after_failures,
+            suspend_after_timeouts: SuspendPolicy::default().after_timeouts,
+            pool: PoolConfig::default(),
         }
     }
 }

@@ -7,7 +7,9 @@ mod database;
 mod devices_cmd;
 mod pipeline;
 mod registry;
+mod rules_admin;
 mod rules_cmd;
+mod rules_new;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -22,8 +24,10 @@ use std::path::PathBuf;
     about = "IoT telemetry ingestion: MQTT in, WebAssembly rules, PostgreSQL out, gRPC query"
 )]
 struct Cli {
-    /// Configuration file (TOML). Default: ./sluice.toml when it exists.
-    #[arg(long, global = true, env = "SLUICE_CONFIG")]
+    /// Configuration file (TOML), given before the command
+    /// (`sluice --config FILE serve`). Default: ./sluice.toml when it exists.
+    /// Not global, so `rules test --config JSON` can mean the rule's config.
+    #[arg(long, env = "SLUICE_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     flags: Flags,

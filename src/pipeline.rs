@@ -3,8 +3,9 @@
 //!
 //! One plain thread, because rule functions are synchronous CPU work that
 //! must not stall the async runtime. It reads the spool in order, a batch
-//! at a time, runs the batch through the rules, and hands the outputs to the
-//! writer with the batch's last spool sequence number as a mark. The writer
+//! at a time, runs the batch through the rules (spread over the rule
+//! workers by device, see `sluice_rules::parallel`), and hands the outputs
+//! to the writer with the batch's last spool sequence number as a mark. The writer
 //! reports the mark once those rows are committed, and only then may the
 //! spool forget the messages: a crash in between replays them.
 //!
@@ -13,8 +14,8 @@
 //! are covered by the same mark. The hop limit bounds how often that repeats.
 
 use sluice_broker::{ORIGIN_DEVICE, Publisher, SpoolReader, SpoolRecord};
-use sluice_ingest::{DeadLetterRecord, EventRecord, PointRecord, Record, Sink};
-use sluice_rules::{Message, Output, Processor, device_id_from_topic};
+use sluice_ingest::{DeadLetterRecord, EventRecord, PointRecord, Record, Sink, StateRecord};
+use sluice_rules::{Message, Output, ParallelProcessor, device_id_from_topic};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug_span, error, info, warn};
@@ -31,7 +32,7 @@ pub struct PipelineHandle {
 
 pub fn spawn(
     spool: SpoolReader,
-    processor: Processor,
+    processor: ParallelProcessor,
     sink: Sink,
     publisher: Publisher,
     batch_max: usize,
@@ -56,7 +57,7 @@ pub fn spawn(
 
 fn run(
     mut spool: SpoolReader,
-    mut processor: Processor,
+    mut processor: ParallelProcessor,
     sink: Sink,
     publisher: Publisher,
     batch_max: usize,
@@ -182,6 +183,12 @@ fn route_outputs(
                 rule: rule.map(|r| r.to_string()),
                 reason,
                 payload: payload.to_vec(),
+            })),
+            Output::State(change) => records.push(Record::State(StateRecord {
+                rule: change.rule,
+                device_id: change.device_id,
+                key: change.key,
+                value: change.value,
             })),
             Output::Publish {
                 topic,

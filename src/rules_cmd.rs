@@ -1,10 +1,13 @@
-//! `sluice rules …`: working with rule modules outside a running server.
+//! `sluice rules …`: the rule author's commands.
 //!
-//! `rules test` runs one module through the real engine (the same loader,
-//! limits and processor as `serve`) on messages from a JSON Lines file, with
-//! no broker and no database, and prints every output as a JSON line. Guest
-//! log lines go to stderr; a guest failure (trap, timeout, exhausted limit,
-//! a message the guest failed) makes the exit status non-zero.
+//! - `rules new` creates a ready-to-build rule project (see `rules_new`).
+//! - `rules test` runs one module through the real engine (the same loader,
+//!   limits and processor as `serve`) on messages from a JSON Lines file,
+//!   with no broker and no database, and prints every output as a JSON line.
+//!   Guest log lines go to stderr; a guest failure (trap, timeout, exhausted
+//!   limit, a message the guest failed) makes the exit status non-zero.
+//! - `rules deploy | list | show | enable | disable | delete` talk to a
+//!   running server through `sluice.v1.Admin`.
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -15,7 +18,7 @@ use clap::Subcommand;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_rules::{
-    Limits, Message, Output, Processor, ProcessorConfig, RuleEngine, RuleLoader,
+    Limits, Message, Output, Processor, ProcessorConfig, RuleContext, RuleEngine, RuleLoader,
     device_id_from_topic,
 };
 use std::io::{BufRead, Write};
@@ -44,6 +47,73 @@ pub enum RulesCommand {
         #[arg(long, default_value = "#")]
         topic: String,
     },
+    /// Create a rule project in ./NAME (or --dir) from the SDK of a language.
+    New {
+        /// The rule's name (also the project directory and module name).
+        name: String,
+        #[arg(long, value_enum)]
+        lang: crate::rules_new::Lang,
+        /// Where to create the project [default: ./NAME]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Deploy a module to a running server (stored there; survives restarts).
+    ///
+    /// PATH is a manifest (`NAME.toml`: topic, module, [config], [limits]) or
+    /// a `.wasm` module, which then needs --topic.
+    Deploy {
+        path: PathBuf,
+        /// Rule name [default: the file's stem]
+        #[arg(long)]
+        name: Option<String>,
+        /// Topic filter (required with a .wasm; overrides the manifest's)
+        #[arg(long)]
+        topic: Option<String>,
+        /// The rule's config as a JSON object (overrides the manifest's)
+        #[arg(long)]
+        config: Option<String>,
+        /// Deploy it disabled.
+        #[arg(long)]
+        disabled: bool,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// List the server's rules with status and counters.
+    List {
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Show one rule: status, limits, counters.
+    Show {
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Enable a deployed rule (also lifts a suspension).
+    Enable {
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Disable a deployed rule.
+    Disable {
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Delete a deployed rule and its per-device state.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        server: Server,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct Server {
+    /// The server's gRPC API.
+    #[arg(long, env = "SLUICE_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
 }
 
 pub fn run(command: RulesCommand, limits: &Limits) -> anyhow::Result<std::process::ExitCode> {
@@ -54,6 +124,18 @@ pub fn run(command: RulesCommand, limits: &Limits) -> anyhow::Result<std::proces
             config,
             topic,
         } => test(&module, &input, config.as_deref(), &topic, limits),
+        RulesCommand::New { name, lang, dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            crate::rules_new::create(&name, lang, &dir)?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        remote => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(crate::rules_admin::run(remote))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -102,7 +184,7 @@ fn test(
     std::fs::write(dir.path().join("rule.toml"), toml::to_string(&manifest)?)?;
 
     let mut loader = RuleLoader::new(RuleEngine::new()?, limits.clone(), false);
-    let (rules, errors) = loader.load(Some(dir.path()));
+    let (rules, errors) = loader.load(Some(dir.path()), &[]);
     if let Some(e) = errors.first() {
         anyhow::bail!("the module was refused: {}", e.reason);
     }
@@ -110,24 +192,38 @@ fn test(
         Arc::new(ArcSwap::from_pointee(rules)),
         ProcessorConfig {
             store_unmatched: false,
+            // Every failure is reported; suspending would hide the rest.
+            suspend: sluice_rules::SuspendPolicy {
+                after_failures: 0,
+                after_timeouts: 0,
+            },
             ..Default::default()
         },
+        // State lives in memory for the run: later lines see what earlier
+        // lines stored, as they would on a server.
+        RuleContext::default(),
     );
     let mut outputs = Vec::new();
     processor.process(&messages, &mut outputs);
 
-    let mut failed = 0;
+    let (mut failed, mut printed, mut state_writes) = (0, 0, 0);
     let mut out = std::io::stdout().lock();
     for output in &outputs {
-        if matches!(output, Output::DeadLetter { .. }) {
-            failed += 1;
+        match output {
+            // State changes are not outputs a user sees; they are counted.
+            Output::State(_) => {
+                state_writes += 1;
+                continue;
+            }
+            Output::DeadLetter { .. } => failed += 1,
+            _ => {}
         }
+        printed += 1;
         writeln!(out, "{}", output_json(output))?;
     }
     eprintln!(
-        "{} messages in, {} outputs, {failed} failed",
+        "{} messages in, {printed} outputs, {failed} failed, {state_writes} state writes",
         messages.len(),
-        outputs.len()
     );
     Ok(if failed > 0 {
         std::process::ExitCode::FAILURE
@@ -228,6 +324,9 @@ fn output_json(output: &Output) -> Value {
         } => {
             json!({"kind": "dead_letter", "device_id": device_id.as_deref(), "topic": topic, "reason": reason})
         }
+        Output::State(c) => {
+            json!({"kind": "state", "rule": &*c.rule, "device_id": &*c.device_id, "key": c.key})
+        }
     };
     let object = v.as_object_mut().expect("built as an object");
     match output {
@@ -235,7 +334,7 @@ fn output_json(output: &Output) -> Value {
             bytes_field(object, "payload", payload)
         }
         Output::DeadLetter { payload, .. } => bytes_field(object, "payload", payload),
-        Output::Point { .. } => {}
+        Output::Point { .. } | Output::State(_) => {}
     }
     v
 }

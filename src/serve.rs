@@ -17,9 +17,11 @@ use crate::database::Database;
 use crate::pipeline;
 use crate::registry::PgDeviceRegistry;
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use sluice_broker::Broker;
-use sluice_rules::{Processor, ProcessorConfig, RuleEngine, RuleLoader, RulesWatcher};
+use sluice_rules::{
+    DeployedRule, ParallelProcessor, ProcessorConfig, RuleCatalog, RuleContext, RuleEngine,
+    RuleLoader, RulesWatcher, StateChange, StateStore,
+};
 use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -61,28 +63,41 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
             rules_cfg.dir.display()
         )
     })?;
-    let engine = RuleEngine::new()?;
-    let mut loader = RuleLoader::new(
+    let engine = RuleEngine::with_pool(rules_cfg.pool.clone())?;
+    let context = RuleContext {
+        state: load_rule_state(&pool).await?,
+        ..Default::default()
+    };
+    let loader = RuleLoader::new(
         engine,
         rules_cfg.limits.clone(),
         rules_cfg.builtin_telemetry,
     );
-    let (initial, errors) = loader.load(Some(&rules_cfg.dir));
-    for e in &errors {
-        warn!(path = %e.path.display(), reason = %e.reason, "rule not loaded");
+    let deployed = load_deployed_rules(&pool).await?;
+    let catalog = RuleCatalog::new(loader, Some(rules_cfg.dir.clone()), deployed, &context);
+    for e in catalog
+        .describe()
+        .iter()
+        .filter_map(|r| r.load_error.as_ref().map(|e| (r, e)))
+    {
+        warn!(rule = %e.0.name, reason = %e.1, "rule not loaded");
     }
-    info!(rules = ?initial.names(), dir = %rules_cfg.dir.display(), "rules loaded");
-    let rules = Arc::new(ArcSwap::from_pointee(initial));
-    let _watcher = RulesWatcher::spawn(rules_cfg.dir.clone(), loader, rules.clone())
-        .context("cannot watch the rules directory")?;
-    let processor = Processor::new(
-        rules,
+    let _watcher =
+        RulesWatcher::spawn(catalog.clone()).context("cannot watch the rules directory")?;
+    let processor = ParallelProcessor::new(
+        catalog.active(),
         ProcessorConfig {
             batch_size: rules_cfg.batch_size,
             store_unmatched: rules_cfg.store_unmatched,
             max_hops: rules_cfg.max_hops,
+            suspend: sluice_rules::SuspendPolicy {
+                after_failures: rules_cfg.suspend_after_failures,
+                after_timeouts: rules_cfg.suspend_after_timeouts,
+            },
         },
-    );
+        context.clone(),
+        rules_cfg.workers,
+    )?;
 
     let pipeline = pipeline::spawn(
         spool.reader,
@@ -104,7 +119,7 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut grpc = tokio::spawn(api::serve(grpc_listener, pool.clone(), async {
+    let mut grpc = tokio::spawn(api::serve(grpc_listener, pool.clone(), catalog, async {
         let _ = grpc_stop_rx.await;
     }));
 
@@ -165,4 +180,36 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let _ = grpc_stop_tx.send(());
     grpc.await??;
     Ok(())
+}
+
+/// Per-device rule state as the last committed batch left it.
+async fn load_rule_state(pool: &sqlx::PgPool) -> anyhow::Result<Arc<StateStore>> {
+    let rows = sluice_ingest::rules::load_state(pool)
+        .await
+        .context("cannot load rule state")?;
+    let store = StateStore::new();
+    let changes: Vec<StateChange> = rows
+        .into_iter()
+        .map(|r| StateChange {
+            rule: r.rule.into(),
+            device_id: r.device_id.into(),
+            key: r.key,
+            value: Some(r.value),
+        })
+        .collect();
+    store.apply(&changes);
+    info!(
+        entries = changes.len(),
+        scopes = store.scopes(),
+        "rule state loaded"
+    );
+    Ok(store)
+}
+
+/// Rules deployed through the Admin API, as stored.
+async fn load_deployed_rules(pool: &sqlx::PgPool) -> anyhow::Result<Vec<DeployedRule>> {
+    let rows = sluice_ingest::rules::list(pool)
+        .await
+        .context("cannot load deployed rules")?;
+    rows.into_iter().map(crate::api::deployed_rule).collect()
 }

@@ -5,15 +5,17 @@
 //! - [`connect`] opens a pool and applies the schema in `migrations/`.
 //! - [`writer`] is the batching binary-COPY writer, the only inserter.
 //! - [`query`] holds the read queries the gRPC API serves.
+//! - [`rules`] stores deployed rules and loads persisted rule state.
 
 pub mod devices;
 pub mod managed;
 pub mod pgcopy;
 pub mod query;
 pub mod record;
+pub mod rules;
 pub mod writer;
 
-pub use record::{DeadLetterRecord, EventRecord, PointRecord, Record};
+pub use record::{DeadLetterRecord, EventRecord, PointRecord, Record, StateRecord};
 pub use writer::{OnStored, Sink, WriterConfig, WriterStopped, spawn_writer};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -34,9 +34,20 @@ pub struct DeadLetterRecord {
     pub payload: Vec<u8>,
 }
 
+/// A change of one key of a rule's per-device state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateRecord {
+    pub rule: Arc<str>,
+    pub device_id: Arc<str>,
+    pub key: String,
+    /// `None`: delete the key.
+    pub value: Option<Vec<u8>>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     Point(PointRecord),
     Event(EventRecord),
     DeadLetter(DeadLetterRecord),
+    State(StateRecord),
 }

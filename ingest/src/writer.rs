@@ -14,7 +14,7 @@
 //! and the spool may forget those messages.
 
 use crate::pgcopy::{BinaryCopyWriter, sanitize_text};
-use crate::record::{DeadLetterRecord, EventRecord, PointRecord, Record};
+use crate::record::{DeadLetterRecord, EventRecord, PointRecord, Record, StateRecord};
 use metrics::{counter, histogram};
 use serde::{Deserialize, Serialize};
 use sqlx::{Acquire, PgConnection, PgPool};
@@ -210,11 +210,12 @@ struct Batch {
     points: Vec<PointRecord>,
     events: Vec<EventRecord>,
     dead_letters: Vec<DeadLetterRecord>,
+    state: Vec<StateRecord>,
 }
 
 impl Batch {
     fn rows(&self) -> usize {
-        self.points.len() + self.events.len() + self.dead_letters.len()
+        self.points.len() + self.events.len() + self.dead_letters.len() + self.state.len()
     }
 
     fn extend(&mut self, records: Vec<Record>) {
@@ -223,6 +224,7 @@ impl Batch {
                 Record::Point(p) => self.points.push(p),
                 Record::Event(e) => self.events.push(e),
                 Record::DeadLetter(d) => self.dead_letters.push(d),
+                Record::State(s) => self.state.push(s),
             }
         }
     }
@@ -231,6 +233,7 @@ impl Batch {
         self.points.clear();
         self.events.clear();
         self.dead_letters.clear();
+        self.state.clear();
     }
 }
 
@@ -300,7 +303,67 @@ async fn write_batch(
         )
         .await?;
     }
+    if !batch.state.is_empty() {
+        write_state(&mut tx, &batch.state).await?;
+    }
     tx.commit().await
+}
+
+/// Applies state changes: the last change of each key wins, sets as one
+/// upsert and deletes as one delete, whatever the batch size.
+async fn write_state(conn: &mut PgConnection, changes: &[StateRecord]) -> Result<(), sqlx::Error> {
+    let mut last = HashMap::new();
+    for (i, c) in changes.iter().enumerate() {
+        last.insert((&*c.rule, &*c.device_id, c.key.as_str()), i);
+    }
+    let (mut set, mut delete) = (StateColumns::default(), StateColumns::default());
+    for ((rule, device, key), i) in last {
+        let target = if changes[i].value.is_some() {
+            &mut set
+        } else {
+            &mut delete
+        };
+        target.rules.push(sanitize_text(rule).into_owned());
+        target.devices.push(sanitize_text(device).into_owned());
+        target.keys.push(sanitize_text(key).into_owned());
+        if let Some(v) = &changes[i].value {
+            target.values.push(v.clone());
+        }
+    }
+    if !set.rules.is_empty() {
+        sqlx::query(
+            "INSERT INTO rule_state (rule, device_id, key, value) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[]) \
+             ON CONFLICT (rule, device_id, key) \
+             DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+        )
+        .bind(&set.rules)
+        .bind(&set.devices)
+        .bind(&set.keys)
+        .bind(&set.values)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !delete.rules.is_empty() {
+        sqlx::query(
+            "DELETE FROM rule_state WHERE (rule, device_id, key) IN \
+             (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))",
+        )
+        .bind(&delete.rules)
+        .bind(&delete.devices)
+        .bind(&delete.keys)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct StateColumns {
+    rules: Vec<String>,
+    devices: Vec<String>,
+    keys: Vec<String>,
+    values: Vec<Vec<u8>>,
 }
 
 async fn copy_in(

@@ -11,6 +11,8 @@
 //! timeout_ms = 100
 //! memory_mb = 16
 //! max_outputs_per_message = 64
+//! table_elements = 10000
+//! state_bytes = 65536
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -36,16 +38,18 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverrides {
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<u64>,
     pub max_outputs_per_message: Option<u32>,
+    pub table_elements: Option<u32>,
+    pub state_bytes: Option<u32>,
 }
 
 /// The limits a WASM rule runs under.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Wall time of one call into the guest (a batch), enforced by epoch interruption.
@@ -54,6 +58,10 @@ pub struct Limits {
     pub memory_mb: u64,
     /// Outputs (points, events, publishes) one message may produce.
     pub max_outputs_per_message: u32,
+    /// Elements the guest's tables may grow to.
+    pub table_elements: u32,
+    /// State (keys plus values) one device may hold in this rule.
+    pub state_bytes: u32,
 }
 
 impl Default for Limits {
@@ -62,6 +70,8 @@ impl Default for Limits {
             timeout_ms: 200,
             memory_mb: 64,
             max_outputs_per_message: 1024,
+            table_elements: 10_000,
+            state_bytes: 64 * 1024,
         }
     }
 }
@@ -74,6 +84,8 @@ impl Limits {
             max_outputs_per_message: o
                 .max_outputs_per_message
                 .unwrap_or(self.max_outputs_per_message),
+            table_elements: o.table_elements.unwrap_or(self.table_elements),
+            state_bytes: o.state_bytes.unwrap_or(self.state_bytes),
         }
     }
 }

@@ -38,6 +38,9 @@ pub enum Output {
         reason: String,
         payload: Bytes,
     },
+    /// A committed change of a rule's per-device state, to persist with
+    /// the outputs of the same batch.
+    State(crate::state::StateChange),
 }
 
 impl Output {

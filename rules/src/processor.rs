@@ -9,14 +9,17 @@
 
 use crate::decoder::decode_telemetry;
 use crate::ruleset::{Rule, RuleAction, RuleSet, WasmRuleVersion};
+use crate::state::StateStore;
+use crate::status::{RuleMonitor, RuleStats, SuspendPolicy};
 use crate::wasm::host::{GuestOutput, MessageSlot, Verdict};
-use crate::wasm::{GuestError, RuleInstance};
+use crate::wasm::{BatchResult, GuestError, RuleInstance};
 use crate::{Message, Output};
 use arc_swap::ArcSwap;
 use chrono::{DateTime, TimeZone, Utc};
 use metrics::counter;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tracing::{debug, debug_span, warn};
 
@@ -28,6 +31,8 @@ pub struct ProcessorConfig {
     pub store_unmatched: bool,
     /// Rule publishes may chain this many times; the next one is refused.
     pub max_hops: u8,
+    /// When a failing rule is suspended.
+    pub suspend: SuspendPolicy,
 }
 
 impl Default for ProcessorConfig {
@@ -36,15 +41,25 @@ impl Default for ProcessorConfig {
             batch_size: 256,
             store_unmatched: true,
             max_hops: 8,
+            suspend: SuspendPolicy::default(),
         }
     }
 }
 
-/// Owns the live WASM instances. One processor per pipeline thread; it is
+/// What every processor of a server shares: committed rule state and the
+/// per-rule counters and health.
+#[derive(Clone, Default)]
+pub struct RuleContext {
+    pub state: Arc<StateStore>,
+    pub monitor: Arc<RuleMonitor>,
+}
+
+/// Owns the live WASM instances. One processor per pipeline worker; it is
 /// not shared, so instances need no locking.
 pub struct Processor {
     rules: Arc<ArcSwap<RuleSet>>,
     config: ProcessorConfig,
+    context: RuleContext,
     instances: HashMap<Arc<str>, LiveInstance>,
 }
 
@@ -61,7 +76,12 @@ struct Tally {
 }
 
 impl Tally {
-    fn record(&self, rule: &str) {
+    fn record(&self, rule: &str, stats: &RuleStats) {
+        stats.stored.fetch_add(self.stored, Ordering::Relaxed);
+        stats.dropped.fetch_add(self.dropped, Ordering::Relaxed);
+        stats
+            .dead_letters
+            .fetch_add(self.dead_letter, Ordering::Relaxed);
         for (outcome, n) in [
             ("stored", self.stored),
             ("dropped", self.dropped),
@@ -75,10 +95,15 @@ impl Tally {
 }
 
 impl Processor {
-    pub fn new(rules: Arc<ArcSwap<RuleSet>>, config: ProcessorConfig) -> Self {
+    pub fn new(
+        rules: Arc<ArcSwap<RuleSet>>,
+        config: ProcessorConfig,
+        context: RuleContext,
+    ) -> Self {
         Self {
             rules,
             config,
+            context,
             instances: HashMap::new(),
         }
     }
@@ -121,11 +146,15 @@ impl Processor {
                 continue;
             }
             let _span = debug_span!("rule", rule = &*rule.name, messages = msgs.len()).entered();
+            let stats = self.context.monitor.stats(&rule.name);
+            stats
+                .messages_in
+                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
             match &rule.action {
-                RuleAction::JsonTelemetry => run_decoder(rule, &msgs, out),
+                RuleAction::JsonTelemetry => run_decoder(rule, &msgs, out, &stats),
                 RuleAction::Wasm(version) => {
                     for chunk in msgs.chunks(self.config.batch_size.max(1)) {
-                        self.run_wasm(rule, version, chunk, out);
+                        self.run_wasm(rule, version, chunk, out, &stats);
                     }
                 }
             }
@@ -143,22 +172,51 @@ impl Processor {
         version: &Arc<WasmRuleVersion>,
         msgs: &[&Message],
         out: &mut Vec<Output>,
+        stats: &RuleStats,
     ) {
         let name = &rule.name;
+        let mut tally = Tally::default();
+        if let Some(reason) = stats.suspension(version.digest()) {
+            // Its messages are not lost: they wait in the dead letters, with
+            // the reason, for whoever fixes the rule.
+            for m in msgs {
+                tally.dead_letter += 1;
+                out.push(Output::dead_letter(m, Some(name), format!("rule {reason}")));
+            }
+            tally.record(name, stats);
+            return;
+        }
         let started = Instant::now();
         counter!("sluice_rule_invocations_total", "rule" => name.to_string()).increment(1);
+        stats.invocations.fetch_add(1, Ordering::Relaxed);
         let result = self.call(name, version, msgs);
+        let elapsed = started.elapsed();
         metrics::histogram!("sluice_rule_batch_seconds", "rule" => name.to_string())
-            .record(started.elapsed().as_secs_f64());
-        let mut tally = Tally::default();
+            .record(elapsed.as_secs_f64());
+        stats.record_batch(elapsed);
         match result {
-            Ok(slots) => {
+            Ok(BatchResult {
+                slots,
+                state_changes,
+            }) => {
+                stats.record_success();
                 for (m, slot) in msgs.iter().zip(slots) {
-                    self.convert(name, m, slot, out, &mut tally);
+                    self.convert(name, m, slot, out, &mut tally, stats);
+                }
+                if !state_changes.is_empty() {
+                    stats
+                        .state_writes
+                        .fetch_add(state_changes.len() as u64, Ordering::Relaxed);
+                    self.context.state.apply(&state_changes);
+                    out.extend(state_changes.into_iter().map(Output::State));
                 }
             }
             Err(e) => {
                 counter!("sluice_rule_failures_total", "rule" => name.to_string(), "kind" => e.kind()).increment(1);
+                let message = e.to_string();
+                if stats.record_failure(e.kind(), &message, self.config.suspend, version.digest()) {
+                    warn!(rule = &**name, error = %e, "rule suspended after repeated failures");
+                }
                 // A trap or error status in a batch of several may be one bad
                 // message: run each alone, so only the culprits fail. A timeout
                 // is not retried: it would cost the time limit once per message.
@@ -166,18 +224,18 @@ impl Processor {
                 if retry {
                     debug!(rule = &**name, error = %e, "batch failed; retrying its messages one by one");
                     for m in msgs {
-                        self.run_wasm(rule, version, std::slice::from_ref(m), out);
+                        self.run_wasm(rule, version, std::slice::from_ref(m), out, stats);
                     }
                     return;
                 }
                 warn!(rule = &**name, error = %e, messages = msgs.len(), "rule failed; messages go to dead letters");
                 for m in msgs {
                     tally.dead_letter += 1;
-                    out.push(Output::dead_letter(m, Some(name), e.to_string()));
+                    out.push(Output::dead_letter(m, Some(name), message.clone()));
                 }
             }
         }
-        tally.record(name);
+        tally.record(name, stats);
     }
 
     fn call(
@@ -185,7 +243,7 @@ impl Processor {
         name: &Arc<str>,
         version: &Arc<WasmRuleVersion>,
         msgs: &[&Message],
-    ) -> Result<Vec<MessageSlot>, GuestError> {
+    ) -> Result<BatchResult, GuestError> {
         let live = self
             .instances
             .entry(name.clone())
@@ -206,6 +264,7 @@ impl Processor {
                 name.clone(),
                 &version.limits,
                 &version.config_json,
+                self.context.state.clone(),
             )?),
         };
         let result = instance.run(msgs);
@@ -223,7 +282,15 @@ impl Processor {
         slot: MessageSlot,
         out: &mut Vec<Output>,
         tally: &mut Tally,
+        stats: &RuleStats,
     ) {
+        if let Some(limit) = slot.limit_exceeded {
+            counter!("sluice_rule_failures_total", "rule" => rule.to_string(), "kind" => "limit")
+                .increment(1);
+            tally.dead_letter += 1;
+            out.push(Output::dead_letter(m, Some(rule), limit));
+            return;
+        }
         match slot.verdict {
             Verdict::Failed(reason) => {
                 tally.dead_letter += 1;
@@ -251,20 +318,26 @@ impl Processor {
                     metric,
                     value,
                     time_ms,
-                } => out.push(Output::Point {
-                    // The host refused points for messages without a device.
-                    device_id: m.device_id.clone().expect("checked by emit_point"),
-                    metric,
-                    time: time_or(time_ms, m.received_at),
-                    value,
-                }),
-                GuestOutput::Event { document, time_ms } => out.push(Output::Event {
-                    device_id: m.device_id.clone(),
-                    topic: m.topic.clone(),
-                    time: time_or(time_ms, m.received_at),
-                    rule: Some(rule.clone()),
-                    payload: document,
-                }),
+                } => {
+                    stats.points.fetch_add(1, Ordering::Relaxed);
+                    out.push(Output::Point {
+                        // The host refused points for messages without a device.
+                        device_id: m.device_id.clone().expect("checked by emit_point"),
+                        metric,
+                        time: time_or(time_ms, m.received_at),
+                        value,
+                    })
+                }
+                GuestOutput::Event { document, time_ms } => {
+                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    out.push(Output::Event {
+                        device_id: m.device_id.clone(),
+                        topic: m.topic.clone(),
+                        time: time_or(time_ms, m.received_at),
+                        rule: Some(rule.clone()),
+                        payload: document,
+                    })
+                }
                 GuestOutput::Publish {
                     topic,
                     payload,
@@ -275,6 +348,7 @@ impl Processor {
                         refused_publish = Some(topic);
                         continue;
                     }
+                    stats.publishes.fetch_add(1, Ordering::Relaxed);
                     out.push(Output::Publish {
                         topic,
                         payload,
@@ -308,8 +382,9 @@ fn time_or(time_ms: Option<i64>, fallback: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(fallback)
 }
 
-fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>) {
+fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>, stats: &RuleStats) {
     counter!("sluice_rule_invocations_total", "rule" => rule.name.to_string()).increment(1);
+    stats.invocations.fetch_add(1, Ordering::Relaxed);
     let mut tally = Tally::default();
     for m in msgs {
         let Some(device_id) = &m.device_id else {
@@ -324,6 +399,9 @@ fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>) {
         match decode_telemetry(&m.payload, m.received_at) {
             Ok(t) => {
                 tally.stored += 1;
+                stats
+                    .points
+                    .fetch_add(t.values.len() as u64, Ordering::Relaxed);
                 out.extend(t.values.into_iter().map(|(metric, value)| Output::Point {
                     device_id: device_id.clone(),
                     metric,
@@ -341,5 +419,5 @@ fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>) {
         counter!("sluice_rule_failures_total", "rule" => rule.name.to_string(), "kind" => "decode")
             .increment(tally.dead_letter);
     }
-    tally.record(&rule.name);
+    tally.record(&rule.name, stats);
 }

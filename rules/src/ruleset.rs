@@ -1,6 +1,6 @@
 //! The set of active rules, and loading it from a rules directory.
 
-use crate::manifest::{Limits, Manifest};
+use crate::manifest::{LimitOverrides, Limits, Manifest};
 use crate::topic::TopicFilter;
 use crate::wasm::{RuleEngine, WasmModule};
 use std::collections::HashMap;
@@ -19,6 +19,32 @@ pub struct Rule {
     pub name: Arc<str>,
     pub filter: TopicFilter,
     pub action: RuleAction,
+    pub source: RuleSource,
+}
+
+/// Where a rule came from: each source owns its names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuleSource {
+    Builtin,
+    /// A manifest in the rules directory.
+    Directory(PathBuf),
+    /// Deployed through the Admin API; `version` counts its deploys.
+    Api {
+        version: i32,
+    },
+}
+
+/// A rule deployed through the Admin API, as stored in the database.
+#[derive(Debug, Clone)]
+pub struct DeployedRule {
+    pub name: String,
+    pub topic: String,
+    pub module: Arc<[u8]>,
+    /// The `[config]` object handed to `sluice_init`, as JSON.
+    pub config_json: Vec<u8>,
+    pub limits: LimitOverrides,
+    pub enabled: bool,
+    pub version: i32,
 }
 
 pub enum RuleAction {
@@ -33,6 +59,13 @@ pub struct WasmRuleVersion {
     pub limits: Limits,
     pub config_json: Vec<u8>,
     digest: u64,
+}
+
+impl WasmRuleVersion {
+    /// Identifies the version: a hash of module bytes, config and limits.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
 }
 
 /// An immutable snapshot of the active rules. The pipeline reads one snapshot
@@ -57,10 +90,13 @@ pub struct RuleLoader {
     compiled: HashMap<String, Arc<WasmRuleVersion>>,
 }
 
-/// A rule file that could not be loaded, and why.
+/// A rule that could not be loaded, and why.
 #[derive(Debug, Clone)]
 pub struct LoadError {
-    pub path: PathBuf,
+    /// The manifest's path, or `api:NAME` for a deployed rule.
+    pub origin: String,
+    /// The rule's name, when it is known.
+    pub rule: Option<String>,
     pub reason: String,
 }
 
@@ -74,10 +110,15 @@ impl RuleLoader {
         }
     }
 
-    /// Loads every `*.toml` manifest of `dir`. A rule that fails to load keeps
-    /// its previously loaded version, if any, so a bad deploy does not take a
-    /// working rule away; the errors are returned to be reported.
-    pub fn load(&mut self, dir: Option<&Path>) -> (RuleSet, Vec<LoadError>) {
+    /// Loads every `*.toml` manifest of `dir`, then the enabled `deployed`
+    /// rules. A rule that fails to load keeps its previously loaded version,
+    /// if any, so a bad deploy does not take a working rule away; the errors
+    /// are returned to be reported.
+    pub fn load(
+        &mut self,
+        dir: Option<&Path>,
+        deployed: &[DeployedRule],
+    ) -> (RuleSet, Vec<LoadError>) {
         let mut rules = Vec::new();
         let mut errors = Vec::new();
         if self.builtin_telemetry {
@@ -85,13 +126,15 @@ impl RuleLoader {
                 name: BUILTIN_TELEMETRY_RULE.into(),
                 filter: TopicFilter::new(BUILTIN_TELEMETRY_FILTER).expect("valid built-in filter"),
                 action: RuleAction::JsonTelemetry,
+                source: RuleSource::Builtin,
             });
         }
         let mut manifests = match dir.map(list_manifests).transpose() {
             Ok(m) => m.unwrap_or_default(),
             Err(e) => {
                 errors.push(LoadError {
-                    path: dir.unwrap_or(Path::new("")).into(),
+                    origin: dir.unwrap_or(Path::new("")).display().to_string(),
+                    rule: None,
                     reason: e.to_string(),
                 });
                 Vec::new()
@@ -109,7 +152,8 @@ impl RuleLoader {
                 Ok(rule) => {
                     if rules.iter().any(|r| r.name == rule.name) {
                         errors.push(LoadError {
-                            path,
+                            origin: path.display().to_string(),
+                            rule: Some(rule.name.to_string()),
                             reason: format!("a rule named `{}` already exists", rule.name),
                         });
                         continue;
@@ -122,7 +166,8 @@ impl RuleLoader {
                 Err(reason) => {
                     warn!(path = %path.display(), %reason, "rule not loaded");
                     errors.push(LoadError {
-                        path: path.clone(),
+                        origin: path.display().to_string(),
+                        rule: Some(stem.clone()),
                         reason,
                     });
                     // Keep the last good version under the same name, if there is one.
@@ -134,13 +179,72 @@ impl RuleLoader {
                             name: stem.as_str().into(),
                             filter,
                             action: RuleAction::Wasm(old.clone()),
+                            source: RuleSource::Directory(path.clone()),
                         });
                     }
                 }
             }
         }
+        for d in deployed.iter().filter(|d| d.enabled) {
+            let origin = format!("api:{}", d.name);
+            if rules.iter().any(|r| *r.name == *d.name) {
+                errors.push(LoadError {
+                    origin,
+                    rule: Some(d.name.clone()),
+                    reason: format!(
+                        "a rule named `{}` is also in the rules directory, which wins",
+                        d.name
+                    ),
+                });
+                continue;
+            }
+            match self.deployed_rule(d) {
+                Ok(rule) => {
+                    if let RuleAction::Wasm(v) = &rule.action {
+                        kept.insert(d.name.clone(), v.clone());
+                    }
+                    rules.push(rule);
+                }
+                Err(reason) => {
+                    warn!(rule = %d.name, %reason, "deployed rule not loaded");
+                    errors.push(LoadError {
+                        origin,
+                        rule: Some(d.name.clone()),
+                        reason,
+                    });
+                }
+            }
+        }
         self.compiled = kept;
         (RuleSet { rules }, errors)
+    }
+
+    /// Compiles a deployed rule (or reuses its compiled version).
+    pub fn deployed_rule(&mut self, d: &DeployedRule) -> Result<Rule, String> {
+        let filter =
+            TopicFilter::new(&d.topic).map_err(|e| format!("invalid topic filter: {e}"))?;
+        let limits = self.defaults.with_overrides(&d.limits);
+        let version = self.version(&d.name, &d.module, limits, d.config_json.clone())?;
+        Ok(Rule {
+            name: d.name.as_str().into(),
+            filter,
+            action: RuleAction::Wasm(version),
+            source: RuleSource::Api { version: d.version },
+        })
+    }
+
+    /// Compiles a rule about to be deployed and keeps the result, so the
+    /// reload that follows the deploy does not compile it again.
+    pub fn precompile(&mut self, d: &DeployedRule) -> Result<(), String> {
+        let rule = self.deployed_rule(d)?;
+        if let RuleAction::Wasm(v) = rule.action {
+            self.compiled.insert(d.name.clone(), v);
+        }
+        Ok(())
+    }
+
+    pub fn defaults(&self) -> &Limits {
+        &self.defaults
     }
 
     fn previous_filter(&self, path: &Path) -> Result<TopicFilter, String> {
@@ -186,6 +290,7 @@ impl RuleLoader {
             name,
             filter,
             action,
+            source: RuleSource::Directory(path.to_owned()),
         })
     }
 
@@ -198,17 +303,23 @@ impl RuleLoader {
         config_json: Vec<u8>,
     ) -> Result<Arc<WasmRuleVersion>, String> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (
-            wasm,
-            &config_json,
-            &limits.timeout_ms,
-            &limits.memory_mb,
-            &limits.max_outputs_per_message,
-        )
-            .hash(&mut h);
+        (wasm, &config_json, &limits).hash(&mut h);
         let digest = h.finish();
         if let Some(v) = self.compiled.get(name).filter(|v| v.digest == digest) {
             return Ok(v.clone());
+        }
+        let pool = self.engine.pool();
+        if limits.memory_mb > pool.max_memory_mb {
+            return Err(format!(
+                "memory_mb {} is above the server's maximum (rules.pool.max_memory_mb = {})",
+                limits.memory_mb, pool.max_memory_mb
+            ));
+        }
+        if limits.table_elements > pool.max_table_elements {
+            return Err(format!(
+                "table_elements {} is above the server's maximum (rules.pool.max_table_elements = {})",
+                limits.table_elements, pool.max_table_elements
+            ));
         }
         let module = self.engine.compile(wasm)?;
         info!(rule = name, bytes = wasm.len(), "compiled rule module");

@@ -1,20 +1,18 @@
-//! Hot reload: watches the rules directory and swaps in a new rule set when
-//! it changes.
+//! Hot reload: watches the rules directory and has the catalog rebuild the
+//! active rule set when it changes.
 //!
 //! Changes are debounced (a copy of a large module arrives as many write
-//! events), then the whole directory is reloaded and the new set is stored
-//! with one atomic pointer swap. The pipeline picks up the new set at its next
+//! events), then the catalog reloads and swaps the new set in with one
+//! atomic pointer store. The pipeline picks up the new set at its next
 //! batch; batches already running finish on the old one. So every message is
 //! handled by exactly one version, and none waits for a compile.
 
-use crate::ruleset::{RuleLoader, RuleSet};
-use arc_swap::ArcSwap;
+use crate::catalog::RuleCatalog;
 use notify::{RecursiveMode, Watcher};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
-use tracing::{error, info};
+use tracing::error;
 
 const QUIET_PERIOD: Duration = Duration::from_millis(200);
 
@@ -24,11 +22,12 @@ pub struct RulesWatcher {
 }
 
 impl RulesWatcher {
-    pub fn spawn(
-        dir: PathBuf,
-        mut loader: RuleLoader,
-        rules: Arc<ArcSwap<RuleSet>>,
-    ) -> notify::Result<Self> {
+    /// Watches the catalog's directory; an error if it has none.
+    pub fn spawn(catalog: Arc<RuleCatalog>) -> notify::Result<Self> {
+        let dir = catalog
+            .dir()
+            .cloned()
+            .ok_or_else(|| notify::Error::generic("the catalog has no rules directory"))?;
         let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
         let mut watcher = notify::recommended_watcher(tx)?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
@@ -41,12 +40,7 @@ impl RulesWatcher {
                         error!(error = %e, "watching the rules directory failed");
                     }
                     while rx.recv_timeout(QUIET_PERIOD).is_ok() {}
-                    let (set, errors) = loader.load(Some(&dir));
-                    metrics::counter!("sluice_rule_reloads_total").increment(1);
-                    metrics::counter!("sluice_rule_load_errors_total")
-                        .increment(errors.len() as u64);
-                    info!(rules = ?set.names(), errors = errors.len(), "rules reloaded");
-                    rules.store(Arc::new(set));
+                    catalog.reload();
                 }
             })
             .map_err(|e| notify::Error::generic(&e.to_string()))?;

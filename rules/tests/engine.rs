@@ -4,7 +4,9 @@
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use chrono::{TimeZone, Utc};
-use sluice_rules::{Limits, Message, Output, Processor, ProcessorConfig, RuleEngine, RuleLoader};
+use sluice_rules::{
+    Limits, Message, Output, Processor, ProcessorConfig, RuleContext, RuleEngine, RuleLoader,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -79,11 +81,12 @@ fn processor_with(rules: &[(&str, &str, &str)], builtin: bool) -> (Processor, te
         .unwrap();
     }
     let mut loader = RuleLoader::new(RuleEngine::new().unwrap(), Limits::default(), builtin);
-    let (set, errors) = loader.load(Some(dir.path()));
+    let (set, errors) = loader.load(Some(dir.path()), &[]);
     assert!(errors.is_empty(), "{errors:?}");
     let processor = Processor::new(
         Arc::new(ArcSwap::from_pointee(set)),
         ProcessorConfig::default(),
+        RuleContext::default(),
     );
     (processor, dir)
 }
@@ -281,7 +284,14 @@ fn output_limit_is_enforced_per_message() {
     );
     let mut out = Vec::new();
     p.process(&[message("t", b"", None)], &mut out);
-    assert_eq!(out.len(), 5);
+    // Past the limit the message fails as a whole, naming the limit.
+    assert_eq!(out.len(), 1, "{out:?}");
+    match &out[0] {
+        Output::DeadLetter { reason, .. } => {
+            assert!(reason.contains("output limit exceeded"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -308,12 +318,12 @@ fn a_broken_redeploy_keeps_the_last_good_version() {
     std::fs::write(dir.path().join("r.toml"), "topic = \"t\"\n").unwrap();
     std::fs::write(dir.path().join("r.wasm"), wat::parse_str(&good).unwrap()).unwrap();
     let mut loader = RuleLoader::new(RuleEngine::new().unwrap(), Limits::default(), false);
-    let (set, errors) = loader.load(Some(dir.path()));
+    let (set, errors) = loader.load(Some(dir.path()), &[]);
     assert!(errors.is_empty());
     assert_eq!(set.names(), vec!["r"]);
 
     std::fs::write(dir.path().join("r.wasm"), b"not wasm at all").unwrap();
-    let (set, errors) = loader.load(Some(Path::new(dir.path())));
+    let (set, errors) = loader.load(Some(Path::new(dir.path())), &[]);
     assert_eq!(errors.len(), 1);
     assert!(
         errors[0].reason.contains("not a valid WebAssembly module"),

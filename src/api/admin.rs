@@ -7,11 +7,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sluice_ingest::devices::{self, DeviceError};
 use sluice_proto::v1::admin_server::Admin;
 use sluice_proto::v1::{
-    CreateDeviceRequest, CreateDeviceResponse, DeleteDeviceRequest, DeleteDeviceResponse, Device,
-    GetDeviceRequest, ListDevicesRequest, ListDevicesResponse, RotateDeviceSecretRequest,
-    RotateDeviceSecretResponse, UpdateDeviceRequest,
+    CreateDeviceRequest, CreateDeviceResponse, DeleteDeviceRequest, DeleteDeviceResponse,
+    DeleteRuleRequest, DeleteRuleResponse, DeployRuleRequest, Device, DisableRuleRequest,
+    EnableRuleRequest, GetDeviceRequest, GetRuleRequest, ListDevicesRequest, ListDevicesResponse,
+    ListRulesRequest, ListRulesResponse, RotateDeviceSecretRequest, RotateDeviceSecretResponse,
+    Rule, UpdateDeviceRequest,
 };
+use sluice_rules::RuleCatalog;
 use sqlx::PgPool;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, instrument};
 
@@ -22,11 +26,12 @@ const TOKEN_TAG: &str = "dev:";
 
 pub struct AdminService {
     pool: PgPool,
+    catalog: Arc<RuleCatalog>,
 }
 
 impl AdminService {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, catalog: Arc<RuleCatalog>) -> Self {
+        Self { pool, catalog }
     }
 }
 
@@ -116,6 +121,63 @@ impl Admin for AdminService {
             .map_err(status)?;
         info!(%id, "device secret rotated over gRPC");
         Ok(Response::new(RotateDeviceSecretResponse { secret }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(name = %request.get_ref().name))]
+    async fn deploy_rule(
+        &self,
+        request: Request<DeployRuleRequest>,
+    ) -> Result<Response<Rule>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            super::rules::deploy(&self.pool, &self.catalog, r).await?,
+        ))
+    }
+
+    async fn list_rules(
+        &self,
+        request: Request<ListRulesRequest>,
+    ) -> Result<Response<ListRulesResponse>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            super::rules::list(&self.pool, &self.catalog, r).await?,
+        ))
+    }
+
+    async fn get_rule(&self, request: Request<GetRuleRequest>) -> Result<Response<Rule>, Status> {
+        let name = request.into_inner().name;
+        Ok(Response::new(
+            super::rules::describe(&self.pool, &self.catalog, &name).await?,
+        ))
+    }
+
+    async fn enable_rule(
+        &self,
+        request: Request<EnableRuleRequest>,
+    ) -> Result<Response<Rule>, Status> {
+        let name = request.into_inner().name;
+        Ok(Response::new(
+            super::rules::set_enabled(&self.pool, &self.catalog, &name, true).await?,
+        ))
+    }
+
+    async fn disable_rule(
+        &self,
+        request: Request<DisableRuleRequest>,
+    ) -> Result<Response<Rule>, Status> {
+        let name = request.into_inner().name;
+        Ok(Response::new(
+            super::rules::set_enabled(&self.pool, &self.catalog, &name, false).await?,
+        ))
+    }
+
+    async fn delete_rule(
+        &self,
+        request: Request<DeleteRuleRequest>,
+    ) -> Result<Response<DeleteRuleResponse>, Status> {
+        let name = request.into_inner().name;
+        super::rules::delete(&self.pool, &self.catalog, &name).await?;
+        Ok(Response::new(DeleteRuleResponse {}))
     }
 }
 

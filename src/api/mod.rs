@@ -4,12 +4,17 @@
 
 mod admin;
 mod page_token;
+mod rules;
 mod telemetry;
+
+pub use rules::deployed_rule;
 
 use sluice_proto::v1::admin_server::AdminServer;
 use sluice_proto::v1::telemetry_server::TelemetryServer;
+use sluice_rules::RuleCatalog;
 use sqlx::PgPool;
 use std::future::Future;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
@@ -17,6 +22,7 @@ use tracing::info;
 pub async fn serve(
     listener: TcpListener,
     pool: PgPool,
+    catalog: Arc<RuleCatalog>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -35,7 +41,7 @@ pub async fn serve(
         .add_service(TelemetryServer::new(telemetry::TelemetryService::new(
             pool.clone(),
         )))
-        .add_service(AdminServer::new(admin::AdminService::new(pool)))
+        .add_service(AdminServer::new(admin::AdminService::new(pool, catalog)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -23,6 +23,9 @@ pub const HOST_FUNCTIONS: &[&str] = &[
     "drop_message",
     "fail",
     "log",
+    "state_get",
+    "state_set",
+    "state_delete",
 ];
 
 /// A time argument with this value means "the message's arrival time".
@@ -41,6 +44,8 @@ pub mod status {
     pub const INVALID: i32 = -4;
     /// Points need a device, and this message has none.
     pub const NO_DEVICE: i32 = -5;
+    /// `state_get`: the key has no value.
+    pub const NOT_FOUND: i32 = -6;
 }
 
 /// Size of one message descriptor in the batch buffer.

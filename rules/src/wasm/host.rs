@@ -7,6 +7,7 @@
 //! returns successfully (a trap discards them all).
 
 use super::abi::{self, status};
+use crate::state::{MAX_KEY_BYTES, StateOverlay, StateStore};
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, error, info, trace, warn};
@@ -47,7 +48,17 @@ pub enum Verdict {
 pub struct MessageSlot {
     pub outputs: Vec<GuestOutput>,
     pub verdict: Verdict,
-    pub has_device: bool,
+    pub device: Option<Arc<str>>,
+    /// A per-message limit the guest ran into (outputs, state). It sends the
+    /// message to the dead letters whatever the guest does afterwards.
+    pub limit_exceeded: Option<String>,
+}
+
+impl MessageSlot {
+    /// Whether the message ends anywhere but in the dead letters.
+    pub fn succeeds(&self) -> bool {
+        self.limit_exceeded.is_none() && !matches!(self.verdict, Verdict::Failed(_))
+    }
 }
 
 pub struct HostState {
@@ -56,21 +67,29 @@ pub struct HostState {
     pub(crate) limiter: GuestLimiter,
     pub(crate) slots: Vec<MessageSlot>,
     pub(crate) max_outputs: u32,
+    pub(crate) state: Arc<StateStore>,
+    pub(crate) overlay: StateOverlay,
+    pub(crate) state_bytes: usize,
     log_budget: LogBudget,
 }
 
 impl HostState {
-    pub fn new(rule: Arc<str>, memory_bytes: usize, max_outputs: u32) -> Self {
+    pub fn new(rule: Arc<str>, limits: &crate::Limits, state: Arc<StateStore>) -> Self {
+        let memory_bytes =
+            usize::try_from(limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         Self {
             rule,
             memory: None,
             limiter: GuestLimiter {
                 memory_bytes,
-                table_elements: 10_000,
+                table_elements: limits.table_elements as usize,
                 exceeded: None,
             },
             slots: Vec::new(),
-            max_outputs,
+            max_outputs: limits.max_outputs_per_message,
+            state,
+            overlay: StateOverlay::default(),
+            state_bytes: limits.state_bytes as usize,
             log_budget: LogBudget::new(),
         }
     }
@@ -86,7 +105,12 @@ impl HostState {
         let max = self.max_outputs as usize;
         match self.slot(msg) {
             None => status::BAD_MESSAGE,
-            Some(slot) if slot.outputs.len() >= max => status::LIMIT,
+            Some(slot) if slot.outputs.len() >= max => {
+                slot.limit_exceeded.get_or_insert_with(|| {
+                    format!("output limit exceeded: the message asked for more than {max} outputs")
+                });
+                status::LIMIT
+            }
             Some(slot) => {
                 slot.outputs.push(output);
                 status::OK
@@ -115,8 +139,12 @@ impl ResourceLimiter for GuestLimiter {
                 "memory limit exceeded: the guest asked for {desired} bytes, the limit is {} bytes",
                 self.memory_bytes
             );
-            self.exceeded = Some(msg.clone());
-            return Err(wasmtime::format_err!("{msg}"));
+            // Refuse the growth rather than trap: `memory.grow` returns -1 and
+            // an allocator may retry smaller (AssemblyScript's asks for
+            // double first). If the guest cannot cope it traps, and the
+            // failure names this limit.
+            self.exceeded = Some(msg);
+            return Ok(false);
         }
         Ok(true)
     }
@@ -132,8 +160,8 @@ impl ResourceLimiter for GuestLimiter {
                 "table limit exceeded: the guest asked for {desired} elements, the limit is {}",
                 self.table_elements
             );
-            self.exceeded = Some(msg.clone());
-            return Err(wasmtime::format_err!("{msg}"));
+            self.exceeded = Some(msg);
+            return Ok(false);
         }
         Ok(true)
     }
@@ -218,7 +246,7 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             let state = caller.data_mut();
             match state.slot(msg) {
                 None => return status::BAD_MESSAGE,
-                Some(slot) if !slot.has_device => return status::NO_DEVICE,
+                Some(slot) if slot.device.is_none() => return status::NO_DEVICE,
                 Some(_) => {}
             }
             state.push(
@@ -347,5 +375,128 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
         },
     )?;
 
+    linker.func_wrap(
+        m,
+        "state_get",
+        |mut caller: Caller<'_, HostState>,
+         msg: i32,
+         key_ptr: i32,
+         key_len: i32,
+         buf_ptr: i32,
+         buf_cap: i32|
+         -> i32 {
+            let (device, key) = match state_scope(&caller, msg, key_ptr, key_len) {
+                Ok(scope) => scope,
+                Err(code) => return code,
+            };
+            let state = caller.data();
+            let value = state
+                .overlay
+                .with_value(&state.state, &state.rule, &device, &key, |v| {
+                    v.map(<[u8]>::to_vec)
+                });
+            let Some(value) = value else {
+                return status::NOT_FOUND;
+            };
+            let Ok(len) = i32::try_from(value.len()) else {
+                return status::INVALID;
+            };
+            if len <= buf_cap {
+                let Some(memory) = caller.data().memory else {
+                    return status::BAD_MEMORY;
+                };
+                if memory
+                    .write(&mut caller, buf_ptr as u32 as usize, &value)
+                    .is_err()
+                {
+                    return status::BAD_MEMORY;
+                }
+            }
+            len
+        },
+    )?;
+
+    linker.func_wrap(
+        m,
+        "state_set",
+        |mut caller: Caller<'_, HostState>,
+         msg: i32,
+         key_ptr: i32,
+         key_len: i32,
+         value_ptr: i32,
+         value_len: i32|
+         -> i32 {
+            let (device, key) = match state_scope(&caller, msg, key_ptr, key_len) {
+                Ok(scope) => scope,
+                Err(code) => return code,
+            };
+            let Some(value) = guest_bytes(&caller, value_ptr, value_len) else {
+                return status::BAD_MEMORY;
+            };
+            write_state(caller.data_mut(), msg, &device, &key, Some(&value))
+        },
+    )?;
+
+    linker.func_wrap(
+        m,
+        "state_delete",
+        |mut caller: Caller<'_, HostState>, msg: i32, key_ptr: i32, key_len: i32| -> i32 {
+            let (device, key) = match state_scope(&caller, msg, key_ptr, key_len) {
+                Ok(scope) => scope,
+                Err(code) => return code,
+            };
+            write_state(caller.data_mut(), msg, &device, &key, None)
+        },
+    )?;
+
     Ok(linker)
+}
+
+/// The device whose state message `msg` addresses, and the key, checked.
+fn state_scope(
+    caller: &Caller<'_, HostState>,
+    msg: i32,
+    key_ptr: i32,
+    key_len: i32,
+) -> Result<(Arc<str>, String), i32> {
+    let slot = usize::try_from(msg)
+        .ok()
+        .and_then(|i| caller.data().slots.get(i))
+        .ok_or(status::BAD_MESSAGE)?;
+    let device = slot.device.clone().ok_or(status::NO_DEVICE)?;
+    if key_len <= 0 || key_len as usize > MAX_KEY_BYTES {
+        return Err(status::INVALID);
+    }
+    let key = guest_str(caller, key_ptr, key_len).ok_or(status::BAD_MEMORY)?;
+    Ok((device, key))
+}
+
+fn write_state(
+    state: &mut HostState,
+    msg: i32,
+    device: &Arc<str>,
+    key: &str,
+    value: Option<&[u8]>,
+) -> i32 {
+    let HostState {
+        state: store,
+        overlay,
+        rule,
+        state_bytes,
+        ..
+    } = state;
+    match overlay.write(store, rule, device, key, value, *state_bytes, msg as usize) {
+        Ok(()) => status::OK,
+        Err(e) => {
+            if let Some(slot) = state.slot(msg) {
+                slot.limit_exceeded.get_or_insert_with(|| {
+                    format!(
+                        "state limit exceeded: the device's state in this rule would be {} bytes, the limit is {} bytes",
+                        e.would_be, e.limit
+                    )
+                });
+            }
+            status::LIMIT
+        }
+    }
 }

@@ -11,28 +11,74 @@ pub mod host;
 
 use crate::Message;
 use crate::manifest::Limits;
+use crate::state::{StateChange, StateStore};
 use host::{HostState, MessageSlot};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use wasmtime::{
-    Config, Engine, ExternType, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc,
+    Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory, Module,
+    PoolingAllocationConfig, Store, Trap, TypedFunc,
 };
 
 /// How often the epoch advances: the granularity of guest timeouts.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Sizes of the engine's instance pool: the ceiling on live instances and
+/// on any one rule's limits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Instances alive at once (each worker keeps one per rule it runs).
+    pub max_instances: u32,
+    /// The largest linear memory any rule may be given, in MiB.
+    pub max_memory_mb: u64,
+    /// The largest table any rule may be given, in elements.
+    pub max_table_elements: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 1000,
+            max_memory_mb: 1024,
+            max_table_elements: 100_000,
+        }
+    }
+}
+
 pub struct RuleEngine {
     engine: Engine,
     linker: Linker<HostState>,
+    pool: PoolConfig,
     stop_ticker: Arc<AtomicBool>,
 }
 
 impl RuleEngine {
+    /// An engine with the default pool.
     pub fn new() -> anyhow::Result<Arc<Self>> {
+        Self::with_pool(PoolConfig::default())
+    }
+
+    /// Instances come from wasmtime's pooling allocator: slots of address
+    /// space reserved once, so instantiating is a few page-table operations
+    /// instead of mmap calls, and linear memory starts from the module's
+    /// copy-on-write image instead of copying data segments. A slot reused
+    /// for the same module keeps its mapping warm.
+    pub fn with_pool(pool: PoolConfig) -> anyhow::Result<Arc<Self>> {
+        let mut pooling = PoolingAllocationConfig::new();
+        pooling
+            .total_core_instances(pool.max_instances)
+            .total_memories(pool.max_instances)
+            .total_tables(pool.max_instances)
+            .max_memory_size(usize::try_from(pool.max_memory_mb << 20).unwrap_or(usize::MAX))
+            .table_elements(pool.max_table_elements as usize);
         let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        config
+            .epoch_interruption(true)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed)
+            .memory_init_cow(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
         let engine = Engine::new(&config).map_err(to_anyhow)?;
         let linker = host::linker(&engine).map_err(to_anyhow)?;
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -48,8 +94,13 @@ impl RuleEngine {
         Ok(Arc::new(Self {
             engine,
             linker,
+            pool,
             stop_ticker,
         }))
+    }
+
+    pub fn pool(&self) -> &PoolConfig {
+        &self.pool
     }
 
     /// Validates and compiles a module. Errors say what is wrong with it.
@@ -150,6 +201,14 @@ pub struct WasmModule {
     pre: InstancePre<HostState>,
 }
 
+/// What a successful batch call produced.
+pub struct BatchResult {
+    /// One per message, in order.
+    pub slots: Vec<MessageSlot>,
+    /// State changes the call made, now to be committed.
+    pub state_changes: Vec<StateChange>,
+}
+
 /// Why a call into a guest failed. The text goes into the dead letters.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GuestError {
@@ -204,10 +263,9 @@ impl RuleInstance {
         rule: Arc<str>,
         limits: &Limits,
         config_json: &[u8],
+        state: Arc<StateStore>,
     ) -> Result<Self, GuestError> {
-        let memory_bytes =
-            usize::try_from(limits.memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-        let state = HostState::new(rule, memory_bytes, limits.max_outputs_per_message);
+        let state = HostState::new(rule, limits, state);
         let mut store = Store::new(module.pre.module().engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
@@ -268,12 +326,17 @@ impl RuleInstance {
         Ok(this)
     }
 
-    /// Runs one batch. On success, returns one slot per message, in order.
-    pub fn run(&mut self, messages: &[&Message]) -> Result<Vec<MessageSlot>, GuestError> {
+    /// Runs one batch. On success, returns one slot per message, in order,
+    /// and the state changes to commit; on failure nothing the call did stands.
+    pub fn run(&mut self, messages: &[&Message]) -> Result<BatchResult, GuestError> {
         let state = self.store.data_mut();
         state.slots.clear();
+        state.overlay.clear();
+        // A refused growth the guest recovered from in an earlier call must
+        // not be blamed for a later, unrelated failure.
+        state.limiter.exceeded = None;
         state.slots.extend(messages.iter().map(|m| MessageSlot {
-            has_device: m.device_id.is_some(),
+            device: m.device_id.clone(),
             ..Default::default()
         }));
         let len = abi::batch_len(messages);
@@ -293,7 +356,16 @@ impl RuleInstance {
         if rc != 0 {
             return Err(GuestError::Status(rc));
         }
-        Ok(std::mem::take(&mut self.store.data_mut().slots))
+        let state = self.store.data_mut();
+        let slots = std::mem::take(&mut state.slots);
+        // A message headed for the dead letters takes its state changes with it.
+        let state_changes = state
+            .overlay
+            .take_changes(|msg| slots.get(msg).is_some_and(MessageSlot::succeeds));
+        Ok(BatchResult {
+            slots,
+            state_changes,
+        })
     }
 
     fn alloc_in_guest(&mut self, len: usize) -> Result<i32, GuestError> {
