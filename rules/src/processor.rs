@@ -113,15 +113,14 @@ impl Processor {
         let set = self.rules.load_full();
         let mut matched: Vec<Vec<&Message>> = (0..set.rules.len()).map(|_| Vec::new()).collect();
         let (mut unmatched_stored, mut unmatched_dropped) = (0u64, 0u64);
+        let mut hits = Vec::new();
         for m in messages {
-            let mut any = false;
-            for (i, rule) in set.rules.iter().enumerate() {
-                if rule.filter.matches(&m.topic) {
-                    matched[i].push(m);
-                    any = true;
-                }
+            hits.clear();
+            set.matching(&m.topic, &mut hits);
+            for &i in &hits {
+                matched[i].push(m);
             }
-            if !any {
+            if hits.is_empty() {
                 if self.config.store_unmatched {
                     unmatched_stored += 1;
                     out.push(Output::Event {

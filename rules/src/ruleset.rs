@@ -1,6 +1,7 @@
 //! The set of active rules, and loading it from a rules directory.
 
 use crate::manifest::{LimitOverrides, Limits, Manifest};
+use crate::router::FilterIndex;
 use crate::topic::TopicFilter;
 use crate::wasm::{RuleEngine, WasmModule};
 use std::collections::HashMap;
@@ -70,12 +71,30 @@ impl WasmRuleVersion {
 
 /// An immutable snapshot of the active rules. The pipeline reads one snapshot
 /// per batch, so every message is handled by exactly one version of the set.
-#[derive(Default)]
 pub struct RuleSet {
     pub rules: Vec<Rule>,
+    /// The rules' filters, indexed: routing cost does not grow with the
+    /// number of rules.
+    index: FilterIndex,
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl RuleSet {
+    pub fn new(rules: Vec<Rule>) -> Self {
+        let index = FilterIndex::new(rules.iter().map(|r| &r.filter));
+        Self { rules, index }
+    }
+
+    /// Appends the positions (in `rules`) of the rules matching `topic`.
+    pub fn matching(&self, topic: &str, out: &mut Vec<usize>) {
+        self.index.matches(topic, out);
+    }
+
     pub fn names(&self) -> Vec<&str> {
         self.rules.iter().map(|r| &*r.name).collect()
     }
@@ -216,7 +235,7 @@ impl RuleLoader {
             }
         }
         self.compiled = kept;
-        (RuleSet { rules }, errors)
+        (RuleSet::new(rules), errors)
     }
 
     /// Compiles a deployed rule (or reuses its compiled version).
