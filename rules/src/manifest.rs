@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! topic = "devices/+/telemetry"      # MQTT topic filter (required)
-//! module = "overheat.wasm"           # default: NAME.wasm beside the manifest
+//! module = "threshold.wasm"          # default: NAME.wasm beside the manifest
 //! # decoder = "json-telemetry"       # instead of a module: the built-in decoder
 //! enabled = true
 //! [config]                           # handed to the guest's sluice_init as JSON

@@ -10,7 +10,7 @@ const record = new Uint8Array(24);
 export function sluice_on_batch(batch: usize, count: i32): i32 {
   for (let i = 0; i < count; i++) {
     const m = Message.at(batch, i);
-    // Checked before any state changes: failing a message does not undo them.
+    // Checked before any state is read: a bad payload costs nothing.
     const fields = m.jsonFields();
     if (fields == null) {
       fail(i, "payload is not a JSON object");

@@ -25,8 +25,8 @@ _Static_assert(sizeof(window) == 24, "the state value is 24 bytes");
 static void average(int32_t i, const sluice_message *m) {
     const char *payload = sluice_payload(m);
     int32_t payload_len = (int32_t)m->payload_len;
-    /* Checked up front: state written for a message stays even if the
-     * message is failed afterwards. */
+    /* Checked up front, before any state is read (the host would discard
+     * the state changes of a failed message anyway). */
     if (!sluice_json_is_object(payload, payload_len)) {
         sluice_fail(i, SLUICE_LIT("payload is not a JSON object"));
         return;
