@@ -63,6 +63,10 @@ pub struct RulesConfig {
     pub store_unmatched: bool,
     /// Messages per call into a WASM rule.
     pub batch_size: usize,
+    /// Messages the pipeline takes from the spool at once (what is there, up
+    /// to this). Larger reads give each rule more messages per call when
+    /// many rules share the traffic.
+    pub read_batch: usize,
     /// How many times rule publishes may chain before one is refused.
     pub max_hops: u8,
     /// Default limits of every WASM rule; a manifest's `[limits]` overrides them.
@@ -84,6 +88,7 @@ impl Default for RulesConfig {
             builtin_telemetry: true,
             store_unmatched: true,
             batch_size: 256,
+            read_batch: 4096,
             max_hops: 8,
             limits: Limits::default(),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -104,7 +104,7 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         processor,
         sink,
         broker.publisher(),
-        rules_cfg.batch_size,
+        rules_cfg.read_batch,
         checkpoint.checkpointed(),
     )?;
     // New traffic waits until what the spool held from before is replayed.

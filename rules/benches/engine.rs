@@ -2,7 +2,7 @@
 //!
 //! Run: `cargo bench -p sluice-rules --bench engine`. Each batch benchmark
 //! reports its time per batch and, through `Throughput::Elements`, per
-//! message. Goals (ISSUE: rules performance):
+//! message. Goals:
 //!
 //! - `passthrough_256`: a WASM pass-through rule at ≤ 1 µs per message,
 //!   beside `builtin_decoder_256` (the same messages, built-in JSON decoder);
@@ -230,10 +230,21 @@ fn engine_benches(c: &mut Criterion) {
         .map(|i| TopicFilter::new(&format!("devices/+/s{i}")).unwrap())
         .collect();
     let index = FilterIndex::new(&filters);
+    let one = [TopicFilter::new("devices/+/+").unwrap()];
+    let index_1 = FilterIndex::new(&one);
     {
         let mut g = c.benchmark_group("match_only");
         g.throughput(Throughput::Elements(spread.len() as u64));
         let mut hits = Vec::new();
+        g.bench_function("index_1_filter_256", |b| {
+            b.iter(|| {
+                hits.clear();
+                for m in black_box(&spread) {
+                    index_1.matches(&m.topic, &mut hits);
+                }
+                assert_eq!(hits.len(), BATCH);
+            })
+        });
         g.bench_function("index_100_filters_256", |b| {
             b.iter(|| {
                 hits.clear();

@@ -76,19 +76,20 @@ struct Tally {
 }
 
 impl Tally {
-    fn record(&self, rule: &str, stats: &RuleStats) {
+    fn record(&self, stats: &RuleStats) {
         stats.stored.fetch_add(self.stored, Ordering::Relaxed);
         stats.dropped.fetch_add(self.dropped, Ordering::Relaxed);
         stats
             .dead_letters
             .fetch_add(self.dead_letter, Ordering::Relaxed);
-        for (outcome, n) in [
-            ("stored", self.stored),
-            ("dropped", self.dropped),
-            ("dead_letter", self.dead_letter),
+        let m = &stats.metrics;
+        for (counter, n) in [
+            (&m.stored, self.stored),
+            (&m.dropped, self.dropped),
+            (&m.dead_letter, self.dead_letter),
         ] {
             if n > 0 {
-                counter!("sluice_rule_messages_total", "rule" => rule.to_owned(), "outcome" => outcome).increment(n);
+                counter.increment(n);
             }
         }
     }
@@ -182,16 +183,15 @@ impl Processor {
                 tally.dead_letter += 1;
                 out.push(Output::dead_letter(m, Some(name), format!("rule {reason}")));
             }
-            tally.record(name, stats);
+            tally.record(stats);
             return;
         }
         let started = Instant::now();
-        counter!("sluice_rule_invocations_total", "rule" => name.to_string()).increment(1);
+        stats.metrics.invocations.increment(1);
         stats.invocations.fetch_add(1, Ordering::Relaxed);
         let result = self.call(name, version, msgs);
         let elapsed = started.elapsed();
-        metrics::histogram!("sluice_rule_batch_seconds", "rule" => name.to_string())
-            .record(elapsed.as_secs_f64());
+        stats.metrics.batch_seconds.record(elapsed.as_secs_f64());
         stats.record_batch(elapsed);
         match result {
             Ok(BatchResult {
@@ -234,7 +234,7 @@ impl Processor {
                 }
             }
         }
-        tally.record(name, stats);
+        tally.record(stats);
     }
 
     fn call(
@@ -382,7 +382,7 @@ fn time_or(time_ms: Option<i64>, fallback: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>, stats: &RuleStats) {
-    counter!("sluice_rule_invocations_total", "rule" => rule.name.to_string()).increment(1);
+    stats.metrics.invocations.increment(1);
     stats.invocations.fetch_add(1, Ordering::Relaxed);
     let mut tally = Tally::default();
     for m in msgs {
@@ -418,5 +418,5 @@ fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>, stats: &Ru
         counter!("sluice_rule_failures_total", "rule" => rule.name.to_string(), "kind" => "decode")
             .increment(tally.dead_letter);
     }
-    tally.record(&rule.name, stats);
+    tally.record(stats);
 }

@@ -14,6 +14,7 @@
 
 use crate::topic::TopicFilter;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Children by literal level: a short list is scanned (cheaper than
 /// hashing a handful of keys), a long one is a hash map.
@@ -38,7 +39,7 @@ enum Children {
     #[default]
     None,
     Few(Vec<(Box<str>, u32)>),
-    Many(HashMap<Box<str>, u32>),
+    Many(HashMap<Box<str>, u32, BuildHasherDefault<Fnv>>),
 }
 
 impl Children {
@@ -51,6 +52,29 @@ impl Children {
                 .map(|&(_, i)| i),
             Children::Many(map) => map.get(level).copied(),
         }
+    }
+}
+
+/// FNV-1a: levels are short, so a simple byte hash beats SipHash. Only
+/// filters (written by whoever deploys rules) are inserted; a device's
+/// topic is only looked up, so it cannot flood a map.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -102,7 +126,7 @@ impl FilterIndex {
             node.literal = match building.len() {
                 0 => Children::None,
                 n if n <= SCAN_UP_TO => Children::Few(building.into_iter().collect()),
-                _ => Children::Many(building),
+                _ => Children::Many(building.into_iter().collect()),
             };
         }
         Self {

@@ -55,10 +55,33 @@ impl Default for SuspendPolicy {
     }
 }
 
+/// The rule's Prometheus handles, registered once: building labelled
+/// metrics per call showed up in the per-batch cost.
+pub struct RuleMetrics {
+    pub invocations: metrics::Counter,
+    pub batch_seconds: metrics::Histogram,
+    pub stored: metrics::Counter,
+    pub dropped: metrics::Counter,
+    pub dead_letter: metrics::Counter,
+}
+
+impl RuleMetrics {
+    fn new(rule: &str) -> Self {
+        let outcome = |o: &'static str| metrics::counter!("sluice_rule_messages_total", "rule" => rule.to_owned(), "outcome" => o);
+        Self {
+            invocations: metrics::counter!("sluice_rule_invocations_total", "rule" => rule.to_owned()),
+            batch_seconds: metrics::histogram!("sluice_rule_batch_seconds", "rule" => rule.to_owned()),
+            stored: outcome("stored"),
+            dropped: outcome("dropped"),
+            dead_letter: outcome("dead_letter"),
+        }
+    }
+}
+
 /// Counters of one rule since it was loaded (or the server started).
-#[derive(Default)]
 pub struct RuleStats {
     name: Arc<str>,
+    pub metrics: RuleMetrics,
     pub invocations: AtomicU64,
     pub messages_in: AtomicU64,
     pub stored: AtomicU64,
@@ -95,10 +118,24 @@ pub struct RuleStatsSnapshot {
 }
 
 impl RuleStats {
-    fn named(name: Arc<str>) -> Self {
+    pub fn named(name: Arc<str>) -> Self {
         Self {
+            metrics: RuleMetrics::new(&name),
             name,
-            ..Default::default()
+            invocations: AtomicU64::default(),
+            messages_in: AtomicU64::default(),
+            stored: AtomicU64::default(),
+            dropped: AtomicU64::default(),
+            dead_letters: AtomicU64::default(),
+            points: AtomicU64::default(),
+            events: AtomicU64::default(),
+            publishes: AtomicU64::default(),
+            state_writes: AtomicU64::default(),
+            consecutive_failures: AtomicU32::default(),
+            consecutive_timeouts: AtomicU32::default(),
+            failures: Mutex::default(),
+            batch_micros: Mutex::default(),
+            status: Mutex::default(),
         }
     }
 
@@ -270,7 +307,7 @@ mod tests {
 
     #[test]
     fn suspends_after_consecutive_failures_only() {
-        let stats = RuleStats::default();
+        let stats = RuleStats::named("test".into());
         assert!(!stats.record_failure("trap", "boom", THREE, 7));
         assert!(!stats.record_failure("trap", "boom", THREE, 7));
         stats.record_success();
@@ -298,7 +335,7 @@ mod tests {
 
     #[test]
     fn timeouts_have_their_own_threshold() {
-        let stats = RuleStats::default();
+        let stats = RuleStats::named("test".into());
         let policy = SuspendPolicy::default();
         assert!(!stats.record_failure("timeout", "slow", policy, 1));
         assert!(!stats.record_failure("trap", "boom", policy, 1));
@@ -307,7 +344,7 @@ mod tests {
 
     #[test]
     fn batch_percentiles() {
-        let stats = RuleStats::default();
+        let stats = RuleStats::named("test".into());
         for us in 1..=100 {
             stats.record_batch(Duration::from_micros(us));
         }
