@@ -281,6 +281,20 @@ async fn a_failing_rule_is_suspended_until_enabled_and_says_why() {
             (!sluice.all_events("chaos/#").await.is_empty()).then_some(())
         })
         .await;
+
+    // Per-rule Prometheus series: messages in, outputs by kind, failures by
+    // kind, batch-time percentiles, status.
+    let metrics = sluice.metrics().await;
+    for series in [
+        r#"sluice_rule_messages_in_total{rule="chaos"}"#,
+        r#"sluice_rule_outputs_total{rule="chaos",kind="event"} 1"#,
+        r#"sluice_rule_failures_total{rule="chaos",kind="trap"}"#,
+        r#"sluice_rule_batch_seconds{rule="chaos",quantile="0.5"}"#,
+        r#"sluice_rule_batch_seconds{rule="chaos",quantile="0.99"}"#,
+        r#"sluice_rule_suspended{rule="chaos"} 0"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing in:\n{metrics}");
+    }
     sluice.stop();
 }
 

@@ -10,7 +10,7 @@
 use crate::decoder::decode_telemetry;
 use crate::ruleset::{Rule, RuleAction, RuleSet, WasmRuleVersion};
 use crate::state::StateStore;
-use crate::status::{RuleMonitor, RuleStats, SuspendPolicy};
+use crate::status::{OutputKind, RuleMonitor, RuleStats, SuspendPolicy};
 use crate::wasm::host::{GuestOutput, MessageSlot, Verdict};
 use crate::wasm::{BatchResult, GuestError, RuleInstance};
 use crate::{Message, Output};
@@ -147,9 +147,7 @@ impl Processor {
             }
             let _span = debug_span!("rule", rule = &*rule.name, messages = msgs.len()).entered();
             let stats = self.context.monitor.stats(&rule.name);
-            stats
-                .messages_in
-                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+            stats.add_messages_in(msgs.len() as u64);
             match &rule.action {
                 RuleAction::JsonTelemetry => run_decoder(rule, &msgs, out, &stats),
                 RuleAction::Wasm(version) => {
@@ -203,9 +201,7 @@ impl Processor {
                     self.convert(name, m, slot, out, &mut tally, stats);
                 }
                 if !state_changes.is_empty() {
-                    stats
-                        .state_writes
-                        .fetch_add(state_changes.len() as u64, Ordering::Relaxed);
+                    stats.add_outputs(OutputKind::StateWrite, state_changes.len() as u64);
                     self.context.state.apply(&state_changes);
                     out.extend(state_changes.into_iter().map(Output::State));
                 }
@@ -318,7 +314,7 @@ impl Processor {
                     value,
                     time_ms,
                 } => {
-                    stats.points.fetch_add(1, Ordering::Relaxed);
+                    stats.add_outputs(OutputKind::Point, 1);
                     out.push(Output::Point {
                         // The host refused points for messages without a device.
                         device_id: m.device_id.clone().expect("checked by emit_point"),
@@ -328,7 +324,7 @@ impl Processor {
                     })
                 }
                 GuestOutput::Event { document, time_ms } => {
-                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    stats.add_outputs(OutputKind::Event, 1);
                     out.push(Output::Event {
                         device_id: m.device_id.clone(),
                         topic: m.topic.clone(),
@@ -347,7 +343,7 @@ impl Processor {
                         refused_publish = Some(topic);
                         continue;
                     }
-                    stats.publishes.fetch_add(1, Ordering::Relaxed);
+                    stats.add_outputs(OutputKind::Publish, 1);
                     out.push(Output::Publish {
                         topic,
                         payload,
@@ -398,9 +394,7 @@ fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>, stats: &Ru
         match decode_telemetry(&m.payload, m.received_at) {
             Ok(t) => {
                 tally.stored += 1;
-                stats
-                    .points
-                    .fetch_add(t.values.len() as u64, Ordering::Relaxed);
+                stats.add_outputs(OutputKind::Point, t.values.len() as u64);
                 out.extend(t.values.into_iter().map(|(metric, value)| Output::Point {
                     device_id: device_id.clone(),
                     metric,

@@ -59,6 +59,11 @@ impl Default for SuspendPolicy {
 /// metrics per call showed up in the per-batch cost.
 pub struct RuleMetrics {
     pub invocations: metrics::Counter,
+    pub messages_in: metrics::Counter,
+    pub points: metrics::Counter,
+    pub events: metrics::Counter,
+    pub publishes: metrics::Counter,
+    pub state_writes: metrics::Counter,
     pub batch_seconds: metrics::Histogram,
     pub stored: metrics::Counter,
     pub dropped: metrics::Counter,
@@ -68,14 +73,28 @@ pub struct RuleMetrics {
 impl RuleMetrics {
     fn new(rule: &str) -> Self {
         let outcome = |o: &'static str| metrics::counter!("sluice_rule_messages_total", "rule" => rule.to_owned(), "outcome" => o);
+        let output = |kind: &'static str| metrics::counter!("sluice_rule_outputs_total", "rule" => rule.to_owned(), "kind" => kind);
         Self {
             invocations: metrics::counter!("sluice_rule_invocations_total", "rule" => rule.to_owned()),
+            messages_in: metrics::counter!("sluice_rule_messages_in_total", "rule" => rule.to_owned()),
+            points: output("point"),
+            events: output("event"),
+            publishes: output("publish"),
+            state_writes: output("state_write"),
             batch_seconds: metrics::histogram!("sluice_rule_batch_seconds", "rule" => rule.to_owned()),
             stored: outcome("stored"),
             dropped: outcome("dropped"),
             dead_letter: outcome("dead_letter"),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum OutputKind {
+    Point,
+    Event,
+    Publish,
+    StateWrite,
 }
 
 /// Counters of one rule since it was loaded (or the server started).
@@ -137,6 +156,24 @@ impl RuleStats {
             batch_micros: Mutex::default(),
             status: Mutex::default(),
         }
+    }
+
+    /// Counts `n` messages handed to the rule.
+    pub fn add_messages_in(&self, n: u64) {
+        self.messages_in.fetch_add(n, Ordering::Relaxed);
+        self.metrics.messages_in.increment(n);
+    }
+
+    /// Counts outputs of one kind.
+    pub fn add_outputs(&self, kind: OutputKind, n: u64) {
+        let (total, counter) = match kind {
+            OutputKind::Point => (&self.points, &self.metrics.points),
+            OutputKind::Event => (&self.events, &self.metrics.events),
+            OutputKind::Publish => (&self.publishes, &self.metrics.publishes),
+            OutputKind::StateWrite => (&self.state_writes, &self.metrics.state_writes),
+        };
+        total.fetch_add(n, Ordering::Relaxed);
+        counter.increment(n);
     }
 
     /// `sluice_rule_suspended{rule}`: 1 while the rule is suspended.

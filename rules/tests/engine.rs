@@ -332,3 +332,55 @@ fn a_broken_redeploy_keeps_the_last_good_version() {
     );
     assert_eq!(set.names(), vec!["r"], "the previous version keeps running");
 }
+
+#[test]
+fn parallel_workers_keep_each_devices_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("echo.toml"), "topic = \"devices/+/raw\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("echo.wasm"),
+        wat::parse_str(echo_guest()).unwrap(),
+    )
+    .unwrap();
+    let mut loader = RuleLoader::new(RuleEngine::new().unwrap(), Limits::default(), false);
+    let (set, errors) = loader.load(Some(dir.path()), &[]);
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut p = sluice_rules::ParallelProcessor::new(
+        Arc::new(ArcSwap::from_pointee(set)),
+        ProcessorConfig {
+            // Small calls, so each device's messages span several of them.
+            batch_size: 7,
+            ..Default::default()
+        },
+        RuleContext::default(),
+        3,
+    )
+    .unwrap();
+    // Device d's n-th message has a payload of n bytes; the guest emits
+    // the payload length, so each device's points must count up.
+    static PAYLOAD: [u8; 64] = [b'x'; 64];
+    let devices = ["d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7"];
+    let mut msgs = Vec::new();
+    for n in 1..=40 {
+        for d in devices {
+            msgs.push(message(&format!("devices/{d}/raw"), &PAYLOAD[..n], Some(d)));
+        }
+    }
+    let mut out = Vec::new();
+    for chunk in msgs.chunks(100) {
+        p.process(chunk, &mut out);
+    }
+    for d in devices {
+        let seen: Vec<f64> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Point {
+                    device_id, value, ..
+                } if &**device_id == d => Some(*value),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<f64> = (1..=40).map(f64::from).collect();
+        assert_eq!(seen, expected, "device {d}");
+    }
+}
