@@ -1,9 +1,8 @@
 //! `sluice.v1.Admin`: the device registry over gRPC, with the same naming,
 //! errors and paging as `Telemetry`.
 
+use super::page_token::{decode_after_name, encode_after_name};
 use super::telemetry::{checked_page_size, to_timestamp};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sluice_ingest::devices::{self, DeviceError};
 use sluice_proto::v1::admin_server::Admin;
 use sluice_proto::v1::{
@@ -60,13 +59,13 @@ impl Admin for AdminService {
     ) -> Result<Response<ListDevicesResponse>, Status> {
         let r = request.into_inner();
         let limit = checked_page_size(r.limit, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
-        let after = decode_token(&r.page_token)?;
+        let after = decode_after_name(&r.page_token, TOKEN_TAG, "ListDevices")?;
         let mut rows = devices::list_page(&self.pool, &r.id_prefix, after.as_deref(), limit + 1)
             .await
             .map_err(status)?;
         let next_page_token = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
-            URL_SAFE_NO_PAD.encode(format!("{TOKEN_TAG}{}", rows.last().expect("limit ≥ 1").id))
+            encode_after_name(TOKEN_TAG, &rows.last().expect("limit ≥ 1").id)
         } else {
             String::new()
         };
@@ -193,21 +192,6 @@ fn parse_metadata(json: &str) -> Result<Option<serde_json::Value>, Status> {
         ));
     }
     Ok(Some(value))
-}
-
-fn decode_token(token: &str) -> Result<Option<String>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|raw| String::from_utf8(raw).ok())
-        .and_then(|s| s.strip_prefix(TOKEN_TAG).map(str::to_owned))
-        .map(Some)
-        .ok_or_else(|| {
-            Status::invalid_argument("page_token is not a token this server issued for ListDevices")
-        })
 }
 
 fn to_proto(d: devices::Device) -> Device {

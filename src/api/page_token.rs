@@ -46,6 +46,35 @@ impl PageToken {
     }
 }
 
+/// Tokens of lists ordered by name (devices, rules): the tagged last name
+/// of the page. The tag keeps one list's token from being used on another.
+pub fn encode_after_name(tag: &str, last: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{tag}{last}"))
+}
+
+/// The name a token from [`encode_after_name`] holds; `Ok(None)` for no
+/// token, `INVALID_ARGUMENT` naming `call` for any other.
+pub fn decode_after_name(
+    token: &str,
+    tag: &str,
+    call: &str,
+) -> Result<Option<String>, tonic::Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .and_then(|s| s.strip_prefix(tag).map(str::to_owned))
+        .map(Some)
+        .ok_or_else(|| {
+            tonic::Status::invalid_argument(format!(
+                "page_token is not a token this server issued for {call}"
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,9 +3,8 @@
 //! what runs; every change is checked first, stored second and made active
 //! last, so a failure at any step leaves both as they were.
 
+use super::page_token::{decode_after_name, encode_after_name};
 use super::telemetry::{checked_page_size, to_timestamp};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::Digest;
 use sluice_ingest::rules::{self as stored, NewRule, StoredRule};
 use sluice_proto::v1::{
@@ -95,7 +94,7 @@ pub async fn list(
     r: ListRulesRequest,
 ) -> Result<ListRulesResponse, Status> {
     let limit = checked_page_size(r.limit, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)? as usize;
-    let after = decode_token(&r.page_token)?;
+    let after = decode_after_name(&r.page_token, TOKEN_TAG, "ListRules")?;
     let rows: Vec<StoredRule> = stored::list(pool).await.map_err(db_error)?;
     let mut infos: Vec<RuleInfo> = catalog
         .describe()
@@ -105,10 +104,7 @@ pub async fn list(
         .collect();
     let next_page_token = if infos.len() > limit {
         infos.truncate(limit);
-        URL_SAFE_NO_PAD.encode(format!(
-            "{TOKEN_TAG}{}",
-            infos.last().expect("limit ≥ 1").name
-        ))
+        encode_after_name(TOKEN_TAG, &infos.last().expect("limit ≥ 1").name)
     } else {
         String::new()
     };
@@ -254,21 +250,6 @@ fn hex_sha256(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn decode_token(token: &str) -> Result<Option<String>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|raw| String::from_utf8(raw).ok())
-        .and_then(|s| s.strip_prefix(TOKEN_TAG).map(str::to_owned))
-        .map(Some)
-        .ok_or_else(|| {
-            Status::invalid_argument("page_token is not a token this server issued for ListRules")
-        })
 }
 
 fn catalog_status(e: CatalogError) -> Status {
