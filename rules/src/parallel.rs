@@ -18,8 +18,6 @@ use std::sync::Arc;
 pub struct ParallelProcessor {
     shards: Vec<Processor>,
     pool: Option<rayon::ThreadPool>,
-    /// Reused per batch: the messages of each shard.
-    split: Vec<Vec<Message>>,
 }
 
 impl ParallelProcessor {
@@ -48,7 +46,6 @@ impl ParallelProcessor {
                 .map(|_| Processor::new(rules.clone(), config.clone(), context.clone()))
                 .collect(),
             pool,
-            split: (0..workers).map(|_| Vec::new()).collect(),
         })
     }
 
@@ -63,20 +60,20 @@ impl ParallelProcessor {
             return;
         };
         let n = self.shards.len();
+        let mut split: Vec<Vec<&Message>> = (0..n).map(|_| Vec::new()).collect();
         for m in messages {
             let key = m.device_id.as_deref().unwrap_or(&m.topic);
             let shard = BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize % n;
-            self.split[shard].push(m.clone());
+            split[shard].push(m);
         }
         let results: Vec<Vec<Output>> = pool.install(|| {
             self.shards
                 .par_iter_mut()
-                .zip(self.split.par_iter_mut())
+                .zip(split.par_iter())
                 .map(|(processor, msgs)| {
                     let mut shard_out = Vec::new();
                     if !msgs.is_empty() {
-                        processor.process(msgs, &mut shard_out);
-                        msgs.clear();
+                        processor.process_refs(msgs, &mut shard_out);
                     }
                     shard_out
                 })

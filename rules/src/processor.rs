@@ -111,11 +111,18 @@ impl Processor {
 
     /// Processes a batch, appending outputs to `out`.
     pub fn process(&mut self, messages: &[Message], out: &mut Vec<Output>) {
+        let refs: Vec<&Message> = messages.iter().collect();
+        self.process_refs(&refs, out);
+    }
+
+    /// [`Self::process`] on borrowed messages (the parallel processor's
+    /// shards), so splitting a batch copies no message.
+    pub fn process_refs(&mut self, messages: &[&Message], out: &mut Vec<Output>) {
         let set = self.rules.load_full();
         let mut matched: Vec<Vec<&Message>> = (0..set.rules.len()).map(|_| Vec::new()).collect();
         let (mut unmatched_stored, mut unmatched_dropped) = (0u64, 0u64);
         let mut hits = Vec::new();
-        for m in messages {
+        for &m in messages {
             hits.clear();
             set.matching(&m.topic, &mut hits);
             for &i in &hits {
