@@ -26,11 +26,18 @@ const TOKEN_TAG: &str = "dev:";
 pub struct AdminService {
     pool: PgPool,
     catalog: Arc<RuleCatalog>,
+    /// Held by the calls that change rules: two concurrent deploys of one
+    /// name must reach the database and the catalog in the same order.
+    rule_changes: tokio::sync::Mutex<()>,
 }
 
 impl AdminService {
     pub fn new(pool: PgPool, catalog: Arc<RuleCatalog>) -> Self {
-        Self { pool, catalog }
+        Self {
+            pool,
+            catalog,
+            rule_changes: tokio::sync::Mutex::new(()),
+        }
     }
 }
 
@@ -128,6 +135,7 @@ impl Admin for AdminService {
         request: Request<DeployRuleRequest>,
     ) -> Result<Response<Rule>, Status> {
         let r = request.into_inner();
+        let _serialized = self.rule_changes.lock().await;
         Ok(Response::new(
             super::rules::deploy(&self.pool, &self.catalog, r).await?,
         ))
@@ -155,6 +163,7 @@ impl Admin for AdminService {
         request: Request<EnableRuleRequest>,
     ) -> Result<Response<Rule>, Status> {
         let name = request.into_inner().name;
+        let _serialized = self.rule_changes.lock().await;
         Ok(Response::new(
             super::rules::set_enabled(&self.pool, &self.catalog, &name, true).await?,
         ))
@@ -165,6 +174,7 @@ impl Admin for AdminService {
         request: Request<DisableRuleRequest>,
     ) -> Result<Response<Rule>, Status> {
         let name = request.into_inner().name;
+        let _serialized = self.rule_changes.lock().await;
         Ok(Response::new(
             super::rules::set_enabled(&self.pool, &self.catalog, &name, false).await?,
         ))
@@ -175,6 +185,7 @@ impl Admin for AdminService {
         request: Request<DeleteRuleRequest>,
     ) -> Result<Response<DeleteRuleResponse>, Status> {
         let name = request.into_inner().name;
+        let _serialized = self.rule_changes.lock().await;
         super::rules::delete(&self.pool, &self.catalog, &name).await?;
         Ok(Response::new(DeleteRuleResponse {}))
     }

@@ -1,7 +1,9 @@
 //! The rule calls of `sluice.v1.Admin`: deploy, list, get, enable, disable,
 //! delete. The database is the record of deployed rules and the catalog is
 //! what runs; every change is checked first, stored second and made active
-//! last, so a failure at any step leaves both as they were.
+//! last, so a failure at any step leaves both as they were. The caller
+//! serializes the changing calls, so the database and the catalog see them
+//! in the same order.
 
 use super::page_token::{decode_after_name, encode_after_name};
 use super::telemetry::{checked_page_size, to_timestamp};
@@ -16,6 +18,7 @@ use sluice_rules::{
     RuleStatus,
 };
 use sqlx::PgPool;
+use std::sync::Arc;
 use tonic::Status;
 use tracing::{error, info};
 
@@ -27,7 +30,7 @@ pub const MAX_MODULE_BYTES: usize = 32 << 20;
 
 pub async fn deploy(
     pool: &PgPool,
-    catalog: &RuleCatalog,
+    catalog: &Arc<RuleCatalog>,
     r: DeployRuleRequest,
 ) -> Result<Rule, Status> {
     stored::validate_name(&r.name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
@@ -67,7 +70,14 @@ pub async fn deploy(
         version: previous.map_or(1, |p| p.version + 1),
     };
     // Compile and check first: a module that cannot run is never stored.
-    catalog.check(&rule).map_err(catalog_status)?;
+    // Compiling is seconds of CPU for a large module: off the async workers.
+    let checked = {
+        let (catalog, rule) = (catalog.clone(), rule.clone());
+        tokio::task::spawn_blocking(move || catalog.check(&rule))
+            .await
+            .map_err(|e| Status::internal(format!("the compile task failed: {e}")))?
+    };
+    checked.map_err(catalog_status)?;
     let row = stored::upsert(
         pool,
         &NewRule {
@@ -137,15 +147,12 @@ pub async fn set_enabled(
     if catalog.get(name).is_none() {
         return Err(Status::not_found(format!("rule `{name}` does not exist")));
     }
+    // Known to the catalog but not stored: a directory or built-in rule.
     if !stored::set_enabled(pool, name, enabled)
         .await
         .map_err(db_error)?
     {
-        return Err(catalog_status(if catalog.get(name).is_some() {
-            CatalogError::DirectoryRule(name.to_owned())
-        } else {
-            CatalogError::NotFound(name.to_owned())
-        }));
+        return Err(catalog_status(CatalogError::DirectoryRule(name.to_owned())));
     }
     catalog.set_enabled(name, enabled).map_err(catalog_status)?;
     info!(rule = %name, enabled, "rule {}", if enabled { "enabled" } else { "disabled" });
