@@ -94,6 +94,7 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
                 after_failures: rules_cfg.suspend_after_failures,
                 after_timeouts: rules_cfg.suspend_after_timeouts,
             },
+            time_bounds: time_bounds(&config.ingest.partitions),
         },
         context.clone(),
         rules_cfg.workers,
@@ -212,4 +213,15 @@ async fn load_deployed_rules(pool: &sqlx::PgPool) -> anyhow::Result<Vec<Deployed
         .await
         .context("cannot load deployed rules")?;
     rows.into_iter().map(crate::api::deployed_rule).collect()
+}
+
+/// Output times the storage keeps: not beyond `max_future_hours` from now,
+/// not older than a table's retention.
+fn time_bounds(p: &sluice_ingest::partitions::PartitionConfig) -> sluice_rules::TimeBounds {
+    let days = |d: u32| (d > 0).then(|| i64::from(d) * 86_400_000);
+    sluice_rules::TimeBounds {
+        max_future_ms: i64::from(p.max_future_hours) * 3_600_000,
+        points_max_age_ms: days(p.points_retention_days),
+        events_max_age_ms: days(p.events_retention_days),
+    }
 }

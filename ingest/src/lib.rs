@@ -4,11 +4,13 @@
 //!   database URL is given (and for tests' throw-away clusters).
 //! - [`connect`] opens a pool and applies the schema in `migrations/`.
 //! - [`writer`] is the batching binary-COPY writer, the only inserter.
+//! - [`partitions`] creates time partitions ahead of the writer and drops them for retention.
 //! - [`query`] holds the read queries the gRPC API serves.
 //! - [`rules`] stores deployed rules and loads persisted rule state.
 
 pub mod devices;
 pub mod managed;
+pub mod partitions;
 pub mod pgcopy;
 pub mod query;
 pub mod record;

@@ -13,6 +13,7 @@
 //! committed, the writer reports the mark through its `on_stored` callback,
 //! and the spool may forget those messages.
 
+use crate::partitions::{PartitionConfig, Partitions, Table};
 use crate::pgcopy::{BinaryCopyWriter, sanitize_text};
 use crate::record::{DeadLetterRecord, EventRecord, PointRecord, Record, StateRecord};
 use metrics::{counter, histogram};
@@ -34,6 +35,8 @@ pub struct WriterConfig {
     pub flush_interval_ms: u64,
     /// Capacity of the channel in front of the writer, in pipeline batches.
     pub queue_batches: usize,
+    /// Time partitions of points and events, and their retention.
+    pub partitions: PartitionConfig,
 }
 
 impl Default for WriterConfig {
@@ -46,6 +49,7 @@ impl Default for WriterConfig {
             batch_rows: 10_000,
             flush_interval_ms: 100,
             queue_batches: 256,
+            partitions: PartitionConfig::default(),
         }
     }
 }
@@ -99,6 +103,9 @@ impl Sink {
     }
 }
 
+/// How often partitions are created ahead and retention is applied.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+
 pub fn spawn_writer(
     pool: PgPool,
     config: WriterConfig,
@@ -123,11 +130,21 @@ async fn run(
     let mut mark: Option<u64> = None;
     let flush_interval = Duration::from_millis(config.flush_interval_ms);
     let mut series = SeriesCache::default();
+    let mut partitions = Partitions::new(config.partitions.clone());
     let mut batch = Batch::default();
     let mut oldest: Option<tokio::time::Instant> = None;
+    // Partitions ahead of time and retention: at start, then every minute.
+    let mut maintenance = tokio::time::interval(MAINTENANCE_EVERY);
+    maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = oldest.map(|t| t + flush_interval);
         tokio::select! {
+            _ = maintenance.tick() => {
+                if let Err(e) = partitions.maintain(&pool, chrono::Utc::now()).await {
+                    // The writer creates what it needs anyway; retry next time.
+                    warn!(error = %e, "partition maintenance failed");
+                }
+            }
             received = rx.recv() => match received {
                 Some(input) => {
                     if input.mark.is_some() {
@@ -138,7 +155,7 @@ async fn run(
                         batch.extend(input.records);
                     }
                     if batch.rows() >= config.batch_rows {
-                        flush(&pool, &mut series, &mut batch).await;
+                        flush(&pool, &mut series, &mut partitions, &mut batch).await;
                         oldest = None;
                     }
                     // Nothing waiting: whatever the mark covers is committed.
@@ -147,14 +164,14 @@ async fn run(
                     }
                 }
                 None => {
-                    flush(&pool, &mut series, &mut batch).await;
+                    flush(&pool, &mut series, &mut partitions, &mut batch).await;
                     report(&mut mark);
                     debug!("writer input closed; final batch flushed");
                     return;
                 }
             },
             _ = sleep_until_opt(deadline), if deadline.is_some() => {
-                flush(&pool, &mut series, &mut batch).await;
+                flush(&pool, &mut series, &mut partitions, &mut batch).await;
                 oldest = None;
                 report(&mut mark);
             }
@@ -169,14 +186,19 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Writes the batch, retrying until it succeeds: the batch is the only copy of this data.
-async fn flush(pool: &PgPool, series: &mut SeriesCache, batch: &mut Batch) {
+async fn flush(
+    pool: &PgPool,
+    series: &mut SeriesCache,
+    partitions: &mut Partitions,
+    batch: &mut Batch,
+) {
     if batch.rows() == 0 {
         return;
     }
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        match write_batch(pool, series, batch).await {
+        match write_batch(pool, series, partitions, batch).await {
             Ok(()) => {
                 histogram!("sluice_batch_flush_seconds").record(started.elapsed().as_secs_f64());
                 counter!("sluice_batches_flushed_total").increment(1);
@@ -240,10 +262,26 @@ impl Batch {
 async fn write_batch(
     pool: &PgPool,
     series: &mut SeriesCache,
+    partitions: &mut Partitions,
     batch: &Batch,
 ) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     series.resolve(&mut conn, &batch.points).await?;
+    // Outside the data transaction: DDL there would hold its locks until commit.
+    partitions
+        .ensure(
+            &mut conn,
+            Table::Points,
+            batch.points.iter().map(|p| p.time),
+        )
+        .await?;
+    partitions
+        .ensure(
+            &mut conn,
+            Table::Events,
+            batch.events.iter().map(|e| e.time),
+        )
+        .await?;
 
     let mut tx = conn.begin().await?;
     if !batch.points.is_empty() {

@@ -36,6 +36,9 @@ pub enum DecodeError {
     NameTooLong,
     #[error("objects nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// The time is outside the bounds the storage keeps (see `TimeBounds`).
+    #[error("{0}")]
+    Time(String),
 }
 
 pub fn decode_telemetry(

@@ -31,5 +31,6 @@ pub use ruleset::{DeployedRule, LoadError, RuleLoader, RuleSet, RuleSource};
 pub use state::{StateChange, StateStore};
 pub use status::{RuleMonitor, RuleStatsSnapshot, RuleStatus, SuspendPolicy};
 pub use topic::{TopicFilter, device_id_from_topic};
+pub use wasm::host::TimeBounds;
 pub use wasm::{PoolConfig, RuleEngine};
 pub use watcher::RulesWatcher;

@@ -11,7 +11,8 @@ use crate::decoder::decode_telemetry;
 use crate::ruleset::{Rule, RuleAction, RuleSet, WasmRuleVersion};
 use crate::state::StateStore;
 use crate::status::{OutputKind, RuleMonitor, RuleStats, SuspendPolicy};
-use crate::wasm::host::{GuestOutput, MessageSlot, Verdict};
+use crate::wasm::host::MessageSlot;
+use crate::wasm::host::{GuestOutput, TimeBounds, Verdict};
 use crate::wasm::{BatchResult, GuestError, RuleInstance};
 use crate::{Message, Output};
 use arc_swap::ArcSwap;
@@ -33,6 +34,8 @@ pub struct ProcessorConfig {
     pub max_hops: u8,
     /// When a failing rule is suspended.
     pub suspend: SuspendPolicy,
+    /// How far from now output times may be.
+    pub time_bounds: TimeBounds,
 }
 
 impl Default for ProcessorConfig {
@@ -42,6 +45,7 @@ impl Default for ProcessorConfig {
             store_unmatched: true,
             max_hops: 8,
             suspend: SuspendPolicy::default(),
+            time_bounds: TimeBounds::default(),
         }
     }
 }
@@ -156,7 +160,9 @@ impl Processor {
             let stats = self.context.monitor.stats(&rule.name);
             stats.add_messages_in(msgs.len() as u64);
             match &rule.action {
-                RuleAction::JsonTelemetry => run_decoder(rule, &msgs, out, &stats),
+                RuleAction::JsonTelemetry => {
+                    run_decoder(rule, &msgs, out, &stats, &self.config.time_bounds)
+                }
                 RuleAction::Wasm(version) => {
                     for chunk in msgs.chunks(self.config.batch_size.max(1)) {
                         self.run_wasm(rule, version, chunk, out, &stats);
@@ -261,13 +267,17 @@ impl Processor {
         }
         let instance = match &mut live.instance {
             Some(i) => i,
-            None => live.instance.insert(RuleInstance::new(
-                &version.module,
-                name.clone(),
-                &version.limits,
-                &version.config_json,
-                self.context.state.clone(),
-            )?),
+            None => {
+                let mut fresh = RuleInstance::new(
+                    &version.module,
+                    name.clone(),
+                    &version.limits,
+                    &version.config_json,
+                    self.context.state.clone(),
+                )?;
+                fresh.set_time_bounds(self.config.time_bounds.clone());
+                live.instance.insert(fresh)
+            }
         };
         let result = instance.run(msgs);
         if result.is_err() {
@@ -384,7 +394,14 @@ fn time_or(time_ms: Option<i64>, fallback: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(fallback)
 }
 
-fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>, stats: &RuleStats) {
+fn run_decoder(
+    rule: &Rule,
+    msgs: &[&Message],
+    out: &mut Vec<Output>,
+    stats: &RuleStats,
+    bounds: &TimeBounds,
+) {
+    let now_ms = chrono::Utc::now().timestamp_millis();
     stats.metrics.invocations.increment(1);
     stats.invocations.fetch_add(1, Ordering::Relaxed);
     let mut tally = Tally::default();
@@ -398,7 +415,12 @@ fn run_decoder(rule: &Rule, msgs: &[&Message], out: &mut Vec<Output>, stats: &Ru
             ));
             continue;
         };
-        match decode_telemetry(&m.payload, m.received_at) {
+        match decode_telemetry(&m.payload, m.received_at).and_then(|t| {
+            bounds
+                .check("point", t.time.timestamp_millis(), now_ms)
+                .map(|()| t)
+                .map_err(crate::decoder::DecodeError::Time)
+        }) {
             Ok(t) => {
                 tally.stored += 1;
                 stats.add_outputs(OutputKind::Point, t.values.len() as u64);

@@ -49,6 +49,8 @@ pub struct MessageSlot {
     pub outputs: Vec<GuestOutput>,
     pub verdict: Verdict,
     pub device: Option<Arc<str>>,
+    /// The message's arrival time, the default time of its outputs.
+    pub received_at_ms: i64,
     /// A per-message limit the guest ran into (outputs, state). It sends the
     /// message to the dead letters whatever the guest does afterwards.
     pub limit_exceeded: Option<String>,
@@ -70,7 +72,62 @@ pub struct HostState {
     pub(crate) state: Arc<StateStore>,
     pub(crate) overlay: StateOverlay,
     pub(crate) state_bytes: usize,
+    pub(crate) time_bounds: TimeBounds,
+    /// Wall clock at the start of the current call, for the time bounds.
+    pub(crate) now_ms: i64,
     log_budget: LogBudget,
+}
+
+/// How far from now output times may be: points and events become rows of
+/// time partitions, and a clock gone wrong (or data older than retention)
+/// must not create partitions nobody keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeBounds {
+    pub max_future_ms: i64,
+    /// `None`: any age.
+    pub points_max_age_ms: Option<i64>,
+    pub events_max_age_ms: Option<i64>,
+}
+
+impl Default for TimeBounds {
+    fn default() -> Self {
+        Self {
+            max_future_ms: 24 * 3_600_000,
+            points_max_age_ms: None,
+            events_max_age_ms: None,
+        }
+    }
+}
+
+impl TimeBounds {
+    /// Why `time_ms` is refused for an output of `kind` ("point", "event"), if it is.
+    pub fn check(&self, kind: &str, time_ms: i64, now_ms: i64) -> Result<(), String> {
+        let max_age = match kind {
+            "point" => self.points_max_age_ms,
+            _ => self.events_max_age_ms,
+        };
+        let show = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339())
+        };
+        if time_ms > now_ms.saturating_add(self.max_future_ms) {
+            return Err(format!(
+                "{kind} time {} is more than {} h in the future (ingest.partitions.max_future_hours)",
+                show(time_ms),
+                self.max_future_ms / 3_600_000
+            ));
+        }
+        if let Some(age) = max_age
+            && time_ms < now_ms.saturating_sub(age)
+        {
+            return Err(format!(
+                "{kind} time {} is older than the {kind}s' retention of {} days",
+                show(time_ms),
+                age / 86_400_000
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl HostState {
@@ -90,6 +147,8 @@ impl HostState {
             state,
             overlay: StateOverlay::default(),
             state_bytes: limits.state_bytes as usize,
+            time_bounds: TimeBounds::default(),
+            now_ms: 0,
             log_budget: LogBudget::new(),
         }
     }
@@ -98,6 +157,18 @@ impl HostState {
         usize::try_from(msg)
             .ok()
             .and_then(|i| self.slots.get_mut(i))
+    }
+
+    /// Refuses an output time outside the bounds: the message then goes to
+    /// the dead letters with the reason, whatever the guest does next.
+    fn check_time(&mut self, msg: i32, kind: &str, time_ms: i64) -> Result<(), i32> {
+        let (bounds, now) = (self.time_bounds.clone(), self.now_ms);
+        let slot = self.slot(msg).ok_or(status::BAD_MESSAGE)?;
+        let t = time_arg(time_ms).unwrap_or(slot.received_at_ms);
+        bounds.check(kind, t, now).map_err(|reason| {
+            slot.limit_exceeded.get_or_insert(reason);
+            status::INVALID
+        })
     }
 
     /// Records an output for message `msg`, enforcing the per-message limit.
@@ -249,6 +320,9 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
                 Some(slot) if slot.device.is_none() => return status::NO_DEVICE,
                 Some(_) => {}
             }
+            if let Err(code) = state.check_time(msg, "point", time_ms) {
+                return code;
+            }
             state.push(
                 msg,
                 GuestOutput::Point {
@@ -269,6 +343,9 @@ pub fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> 
             };
             if serde_json::from_slice::<serde::de::IgnoredAny>(&document).is_err() {
                 return status::INVALID;
+            }
+            if let Err(code) = caller.data_mut().check_time(msg, "event", time_ms) {
+                return code;
             }
             caller.data_mut().push(
                 msg,

@@ -335,8 +335,10 @@ impl RuleInstance {
         // A refused growth the guest recovered from in an earlier call must
         // not be blamed for a later, unrelated failure.
         state.limiter.exceeded = None;
+        state.now_ms = chrono::Utc::now().timestamp_millis();
         state.slots.extend(messages.iter().map(|m| MessageSlot {
             device: m.device_id.clone(),
+            received_at_ms: m.received_at.timestamp_millis(),
             ..Default::default()
         }));
         let len = abi::batch_len(messages);
@@ -366,6 +368,11 @@ impl RuleInstance {
             slots,
             state_changes,
         })
+    }
+
+    /// The output time bounds this instance enforces from now on.
+    pub fn set_time_bounds(&mut self, bounds: host::TimeBounds) {
+        self.store.data_mut().time_bounds = bounds;
     }
 
     fn alloc_in_guest(&mut self, len: usize) -> Result<i32, GuestError> {
