@@ -9,6 +9,11 @@
 //! reports the mark once those rows are committed, and only then may the
 //! spool forget the messages: a crash in between replays them.
 //!
+//! Records at or below `already_stored` (the database's `ingest_progress`
+//! for this spool, written with the rows) are skipped: after a crash the
+//! spool replays from its checkpoint, which may lag the last commit, and
+//! this is what keeps the replay from storing anything twice.
+//!
 //! A rule publish is delivered to MQTT subscribers through the router and
 //! run through the rules again here, within the same batch, so its outputs
 //! are covered by the same mark. The hop limit bounds how often that repeats.
@@ -85,6 +90,16 @@ fn run(
         let Some(mark) = batch.last().map(|r| r.seq) else {
             continue;
         };
+        // A replay after a crash: what the database already holds is
+        // skipped, so no message is stored twice. Its mark still goes to
+        // the writer, so the checkpoint moves past it.
+        let before = batch.len();
+        let mut batch = batch;
+        batch.retain(|r| r.seq > already_stored);
+        if batch.len() < before {
+            metrics::counter!("sluice_spool_replay_skipped_total")
+                .increment((before - batch.len()) as u64);
+        }
         let mut messages: Vec<Message> = batch.into_iter().map(to_rule_message).collect();
         let span = debug_span!("pipeline_batch", messages = messages.len(), mark).entered();
         let mut records = Vec::new();

@@ -45,6 +45,12 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let broker_cfg = config.broker.clone();
     let registry = Arc::new(PgDeviceRegistry::new(pool.clone()));
     let spool_dir = config.data_dir.join("spool");
+    let spool_id = sluice_broker::spool::identity(&spool_dir)?;
+    // What the database already holds of this spool: its replay skips that,
+    // even where the spool's checkpoint lagged behind the last commit.
+    let stored_mark = sluice_ingest::stored_mark(&pool, &spool_id)
+        .await
+        .context("cannot read the ingest progress")?;
     let (mut broker, spool) =
         tokio::task::spawn_blocking(move || Broker::start(&broker_cfg, registry, &spool_dir))
             .await??;
@@ -54,6 +60,7 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         pool.clone(),
         config.ingest.clone(),
         Some(Box::new(move |mark| stored.advance(mark))),
+        Some(spool_id),
     );
 
     let rules_cfg = &config.rules;
@@ -106,7 +113,7 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         sink,
         broker.publisher(),
         rules_cfg.read_batch,
-        checkpoint.checkpointed(),
+        checkpoint.checkpointed().max(stored_mark),
     )?;
     // New traffic waits until what the spool held from before is replayed.
     if let Ok(up_to) = pipeline.replayed.await

@@ -47,6 +47,7 @@ use tracing::{debug, error, info, warn};
 
 const SEGMENT_SUFFIX: &str = ".seg";
 const CHECKPOINT_FILE: &str = "checkpoint";
+const IDENTITY_FILE: &str = "id";
 const CHECKPOINT_TMP: &str = "checkpoint.tmp";
 const LOCK_FILE: &str = "lock";
 const CHECKPOINT_LEN: usize = 12;
@@ -537,6 +538,31 @@ fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_at(dir))
+}
+
+/// The spool's identity: made once, when the directory is new, and kept in
+/// it. Whatever records a position in this spool elsewhere (the database's
+/// `ingest_progress`) keys it by this, so a wiped spool, whose seqs start
+/// again at 1, is never mistaken for the old one.
+pub fn identity(dir: &Path) -> Result<String, SpoolError> {
+    fs::create_dir_all(dir).map_err(io_at(dir))?;
+    let path = dir.join(IDENTITY_FILE);
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_at(&path)(e)),
+    }
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = format!("{nanos:032x}-{:08x}", std::process::id());
+    let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+    let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
+    file.write_all(id.as_bytes()).map_err(io_at(&tmp))?;
+    file.sync_all().map_err(io_at(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_at(&path))?;
+    Ok(id)
 }
 
 fn read_checkpoint(dir: &Path) -> Result<u64, SpoolError> {
@@ -1784,6 +1810,16 @@ fn run_checkpointer(shared: Arc<Shared>, _dir_lock: Arc<File>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_identity_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = identity(dir.path()).unwrap();
+        assert!(first.len() >= 32, "{first}");
+        assert_eq!(identity(dir.path()).unwrap(), first);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(identity(other.path()).unwrap(), first);
+    }
 
     fn small_segments() -> SpoolConfig {
         SpoolConfig {

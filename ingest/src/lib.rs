@@ -18,7 +18,7 @@ pub mod rules;
 pub mod writer;
 
 pub use record::{DeadLetterRecord, EventRecord, PointRecord, Record, StateRecord};
-pub use writer::{OnStored, Sink, WriterConfig, WriterStopped, spawn_writer};
+pub use writer::{OnStored, Sink, WriterConfig, WriterStopped, spawn_writer, stored_mark};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};

@@ -106,14 +106,27 @@ impl Sink {
 /// How often partitions are created ahead and retention is applied.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
+/// `progress`: the spool's identity, to record in `ingest_progress` the
+/// highest mark each batch's transaction covers (see `stored_mark`).
 pub fn spawn_writer(
     pool: PgPool,
     config: WriterConfig,
     on_stored: Option<OnStored>,
+    progress: Option<String>,
 ) -> (Sink, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(config.queue_batches.max(1));
-    let handle = tokio::spawn(run(pool, config, rx, on_stored));
+    let handle = tokio::spawn(run(pool, config, rx, on_stored, progress));
     (Sink { tx }, handle)
+}
+
+/// The highest mark of `spool_id` whose messages' rows are all committed.
+pub async fn stored_mark(pool: &PgPool, spool_id: &str) -> Result<u64, sqlx::Error> {
+    let seq: Option<i64> =
+        sqlx::query_scalar("SELECT stored_seq FROM ingest_progress WHERE spool_id = $1")
+            .bind(spool_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(seq.map_or(0, |s| s.max(0) as u64))
 }
 
 async fn run(
@@ -121,6 +134,7 @@ async fn run(
     config: WriterConfig,
     mut rx: mpsc::Receiver<Input>,
     on_stored: Option<OnStored>,
+    progress: Option<String>,
 ) {
     let report = |mark: &mut Option<u64>| {
         if let (Some(m), Some(f)) = (mark.take(), on_stored.as_ref()) {
@@ -155,7 +169,7 @@ async fn run(
                         batch.extend(input.records);
                     }
                     if batch.rows() >= config.batch_rows {
-                        flush(&pool, &mut series, &mut partitions, &mut batch).await;
+                        flush(&pool, &mut series, &mut partitions, &mut batch, progress.as_deref().zip(mark)).await;
                         oldest = None;
                     }
                     // Nothing waiting: whatever the mark covers is committed.
@@ -164,14 +178,14 @@ async fn run(
                     }
                 }
                 None => {
-                    flush(&pool, &mut series, &mut partitions, &mut batch).await;
+                    flush(&pool, &mut series, &mut partitions, &mut batch, progress.as_deref().zip(mark)).await;
                     report(&mut mark);
                     debug!("writer input closed; final batch flushed");
                     return;
                 }
             },
             _ = sleep_until_opt(deadline), if deadline.is_some() => {
-                flush(&pool, &mut series, &mut partitions, &mut batch).await;
+                flush(&pool, &mut series, &mut partitions, &mut batch, progress.as_deref().zip(mark)).await;
                 oldest = None;
                 report(&mut mark);
             }
@@ -191,6 +205,7 @@ async fn flush(
     series: &mut SeriesCache,
     partitions: &mut Partitions,
     batch: &mut Batch,
+    progress: Option<(&str, u64)>,
 ) {
     if batch.rows() == 0 {
         return;
@@ -198,7 +213,7 @@ async fn flush(
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        match write_batch(pool, series, partitions, batch).await {
+        match write_batch(pool, series, partitions, batch, progress).await {
             Ok(()) => {
                 histogram!("sluice_batch_flush_seconds").record(started.elapsed().as_secs_f64());
                 counter!("sluice_batches_flushed_total").increment(1);
@@ -264,6 +279,7 @@ async fn write_batch(
     series: &mut SeriesCache,
     partitions: &mut Partitions,
     batch: &Batch,
+    progress: Option<(&str, u64)>,
 ) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     series.resolve(&mut conn, &batch.points).await?;
@@ -343,6 +359,21 @@ async fn write_batch(
     }
     if !batch.state.is_empty() {
         write_state(&mut tx, &batch.state).await?;
+    }
+    // Every message up to the mark has its rows in this transaction or an
+    // earlier one: recording the mark with them makes a replay skip exactly
+    // what is stored.
+    if let Some((spool_id, mark)) = progress {
+        sqlx::query(
+            "INSERT INTO ingest_progress (spool_id, stored_seq) VALUES ($1, $2) \
+             ON CONFLICT (spool_id) DO UPDATE \
+             SET stored_seq = greatest(ingest_progress.stored_seq, EXCLUDED.stored_seq), \
+                 updated_at = now()",
+        )
+        .bind(spool_id)
+        .bind(i64::try_from(mark).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await
 }

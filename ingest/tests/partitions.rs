@@ -51,7 +51,7 @@ async fn partitions_are_made_for_any_time_and_dropped_by_retention() {
         now,
         now + Duration::hours(1),
     ];
-    let (sink, writer) = spawn_writer(pool.clone(), WriterConfig::default(), None);
+    let (sink, writer) = spawn_writer(pool.clone(), WriterConfig::default(), None, None);
     let mut records: Vec<Record> = times.iter().map(|&t| point("dev", t, 1.0)).collect();
     records.extend(times.iter().map(|&t| event(t)));
     tokio::task::spawn_blocking(move || sink.blocking_send(records).unwrap())
