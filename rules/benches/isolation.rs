@@ -18,22 +18,19 @@ use sluice_rules::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const PRELUDE: &str = r#"
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::ALLOC;
+
+const IMPORTS: &str = r#"
   (import "sluice" "emit_point" (func $emit_point (param i32 i32 i32 f64 i64) (result i32)))
-  (memory (export "memory") 2)
-  (func (export "sluice_abi_version") (result i32) i32.const 1)
-  (func (export "sluice_alloc") (param $n i32) (result i32)
-    (local $pages i32)
-    (local.set $pages (i32.sub (i32.shr_u (i32.add (local.get $n) (i32.const 131071)) (i32.const 16)) (memory.size)))
-    (if (i32.gt_s (local.get $pages) (i32.const 0)) (then (drop (memory.grow (local.get $pages)))))
-    i32.const 65536)
-  (data (i32.const 16) "v")
 "#;
 
 /// `body` runs once per message with `$i` its index.
 fn guest(body: &str) -> String {
     format!(
-        r#"(module {PRELUDE}
+        r#"(module {IMPORTS} {ALLOC}
+  (data (i32.const 16) "v")
   (func (export "sluice_on_batch") (param $ptr i32) (param $count i32) (result i32)
     (local $i i32)
     (block $done

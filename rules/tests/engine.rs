@@ -7,18 +7,11 @@ use chrono::{TimeZone, Utc};
 use sluice_rules::{
     Limits, Message, Output, Processor, ProcessorConfig, RuleContext, RuleEngine, RuleLoader,
 };
+mod common;
+
+use common::ALLOC;
 use std::path::Path;
 use std::sync::Arc;
-
-const ALLOC: &str = r#"
-  (memory (export "memory") 2)
-  (func (export "sluice_abi_version") (result i32) i32.const 1)
-  (func (export "sluice_alloc") (param $n i32) (result i32)
-    (local $pages i32)
-    (local.set $pages (i32.sub (i32.shr_u (i32.add (local.get $n) (i32.const 131071)) (i32.const 16)) (memory.size)))
-    (if (i32.gt_s (local.get $pages) (i32.const 0)) (then (drop (memory.grow (local.get $pages)))))
-    i32.const 65536)
-"#;
 
 fn compile_err(wat_text: &str) -> String {
     let engine = RuleEngine::new().unwrap();
