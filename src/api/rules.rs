@@ -59,7 +59,6 @@ pub async fn deploy(
     let limits = from_proto_limits(r.limits.unwrap_or_default());
     let limits_json = serde_json::to_value(&limits).expect("limits serialize");
     let sha = hex_sha256(&r.module);
-    let previous = stored::get(pool, &r.name).await.map_err(db_error)?;
     let mut rule = DeployedRule {
         name: r.name.clone(),
         topic: r.topic_filter.clone(),
@@ -67,7 +66,8 @@ pub async fn deploy(
         config_json: config.to_string().into_bytes(),
         limits,
         enabled: !r.disabled,
-        version: previous.map_or(1, |p| p.version + 1),
+        // Counted by the database on store; checking does not need it.
+        version: 0,
     };
     // Compile and check first: a module that cannot run is never stored.
     // Compiling is seconds of CPU for a large module: off the async workers.
