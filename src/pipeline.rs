@@ -9,17 +9,21 @@
 //! reports the mark once those rows are committed, and only then may the
 //! spool forget the messages: a crash in between replays them.
 //!
-//! Records at or below `already_stored` (the database's `ingest_progress`
-//! for this spool, written with the rows) are skipped: after a crash the
-//! spool replays from its checkpoint, which may lag the last commit, and
-//! this is what keeps the replay from storing anything twice.
+//! After a crash the spool replays from its checkpoint, which may lag the
+//! last commit. What the database already holds (`ingest_progress`, written
+//! by each writer shard with its rows) keeps the replay from storing
+//! anything twice: messages every shard holds are skipped, and the window
+//! of messages only some shards hold is handed to the writer one message at
+//! a time, so it can drop exactly the records already stored.
 //!
 //! A rule publish is delivered to MQTT subscribers through the router and
 //! run through the rules again here, within the same batch, so its outputs
 //! are covered by the same mark. The hop limit bounds how often that repeats.
 
 use sluice_broker::{ORIGIN_DEVICE, Publisher, SpoolReader, SpoolRecord};
-use sluice_ingest::{DeadLetterRecord, EventRecord, PointRecord, Record, Sink, StateRecord};
+use sluice_ingest::{
+    DeadLetterRecord, EventRecord, PointRecord, Record, Sink, StateRecord, StoredProgress,
+};
 use sluice_rules::{Message, Output, ParallelProcessor, device_id_from_topic};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +45,8 @@ pub fn spawn(
     sink: Sink,
     publisher: Publisher,
     batch_max: usize,
-    already_stored: u64,
+    checkpointed: u64,
+    already_stored: StoredProgress,
 ) -> std::io::Result<PipelineHandle> {
     let (replayed_tx, replayed) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -53,11 +58,22 @@ pub fn spawn(
                 sink,
                 publisher,
                 batch_max.max(1),
-                already_stored,
+                Replay {
+                    stored_everywhere: checkpointed.max(already_stored.stored_everywhere()),
+                    window_end: already_stored.window_end(),
+                },
                 replayed_tx,
             )
         })?;
     Ok(PipelineHandle { thread, replayed })
+}
+
+/// What the database held of the spool at start.
+struct Replay {
+    /// Messages up to here are stored in every writer shard: skipped.
+    stored_everywhere: u64,
+    /// Messages up to here may be stored in some shards: sent one at a time.
+    window_end: u64,
 }
 
 fn run(
@@ -66,9 +82,13 @@ fn run(
     sink: Sink,
     publisher: Publisher,
     batch_max: usize,
-    already_stored: u64,
+    stored: Replay,
     replayed: tokio::sync::oneshot::Sender<u64>,
 ) {
+    let Replay {
+        stored_everywhere: already_stored,
+        window_end,
+    } = stored;
     let replay_end = spool.replay_end();
     let mut replayed = Some(replayed);
     if replay_end <= already_stored {
@@ -100,25 +120,53 @@ fn run(
             metrics::counter!("sluice_spool_replay_skipped_total")
                 .increment((before - batch.len()) as u64);
         }
-        let mut messages: Vec<Message> = batch.into_iter().map(to_rule_message).collect();
-        let span = debug_span!("pipeline_batch", messages = messages.len(), mark).entered();
-        let mut records = Vec::new();
-        while !messages.is_empty() {
-            processor.process(&messages, &mut outputs);
-            let received_at = messages[0].received_at;
-            messages = route_outputs(&mut outputs, received_at, &publisher, &mut records);
+        // The replay window: one message per send, so the writer can tell
+        // which of its records some shard already stored.
+        let in_window = batch.partition_point(|r| r.seq <= window_end);
+        let rest = batch.split_off(in_window);
+        let mut sends: Vec<(Vec<SpoolRecord>, u64)> = batch
+            .into_iter()
+            .map(|r| {
+                let seq = r.seq;
+                (vec![r], seq)
+            })
+            .collect();
+        if !rest.is_empty() || sends.is_empty() {
+            sends.push((rest, mark));
         }
-        drop(span);
-        if sink.blocking_send_marked(records, mark).is_err() {
-            // Only possible if the writer task died: nothing can be stored any more.
-            error!("the writer has stopped; the pipeline stops");
-            return;
+        for (part, mark) in sends {
+            let records = run_rules(part, mark, &mut processor, &mut outputs, &publisher);
+            if sink.blocking_send_marked(records, mark).is_err() {
+                // Only possible if the writer task died: nothing can be stored any more.
+                error!("the writer has stopped; the pipeline stops");
+                return;
+            }
         }
         if replayed.is_some() && mark >= replay_end {
             info!(up_to = replay_end, "spool replay handed to the writer");
             finish_replay(&mut replayed, replay_end);
         }
     }
+}
+
+/// Runs spool records through the rules (and their publishes through them
+/// again); returns the records for the writer.
+fn run_rules(
+    part: Vec<SpoolRecord>,
+    mark: u64,
+    processor: &mut ParallelProcessor,
+    outputs: &mut Vec<Output>,
+    publisher: &Publisher,
+) -> Vec<Record> {
+    let mut messages: Vec<Message> = part.into_iter().map(to_rule_message).collect();
+    let _span = debug_span!("pipeline_batch", messages = messages.len(), mark).entered();
+    let mut records = Vec::new();
+    while !messages.is_empty() {
+        processor.process(&messages, outputs);
+        let received_at = messages[0].received_at;
+        messages = route_outputs(outputs, received_at, publisher, &mut records);
+    }
+    records
 }
 
 fn finish_replay(replayed: &mut Option<tokio::sync::oneshot::Sender<u64>>, up_to: u64) {

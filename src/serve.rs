@@ -46,22 +46,25 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let registry = Arc::new(PgDeviceRegistry::new(pool.clone()));
     let spool_dir = config.data_dir.join("spool");
     let spool_id = sluice_broker::spool::identity(&spool_dir)?;
-    // What the database already holds of this spool: its replay skips that,
-    // even where the spool's checkpoint lagged behind the last commit.
-    let stored_mark = sluice_ingest::stored_mark(&pool, &spool_id)
-        .await
-        .context("cannot read the ingest progress")?;
     let (mut broker, spool) =
         tokio::task::spawn_blocking(move || Broker::start(&broker_cfg, registry, &spool_dir))
             .await??;
     let checkpoint = spool.checkpoint.clone();
     let stored = checkpoint.clone();
-    let (sink, mut writer) = sluice_ingest::spawn_writer(
+    // What the database already holds of this spool: its replay skips that,
+    // even where the spool's checkpoint lagged behind the last commit.
+    let sluice_ingest::Writer {
+        sink,
+        handle: mut writer,
+        stored: already_stored,
+    } = sluice_ingest::start_writer(
         pool.clone(),
         config.ingest.clone(),
         Some(Box::new(move |mark| stored.advance(mark))),
-        Some(spool_id),
-    );
+        &spool_id,
+    )
+    .await
+    .context("cannot read the ingest progress")?;
 
     let rules_cfg = &config.rules;
     std::fs::create_dir_all(&rules_cfg.dir).with_context(|| {
@@ -113,7 +116,8 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         sink,
         broker.publisher(),
         rules_cfg.read_batch,
-        checkpoint.checkpointed().max(stored_mark),
+        checkpoint.checkpointed(),
+        already_stored,
     )?;
     // New traffic waits until what the spool held from before is replayed.
     if let Ok(up_to) = pipeline.replayed.await

@@ -4,21 +4,28 @@
 //!   database URL is given (and for tests' throw-away clusters).
 //! - [`connect`] opens a pool and applies the schema in `migrations/`.
 //! - [`writer`] is the batching binary-COPY writer, the only inserter.
-//! - [`partitions`] creates time partitions ahead of the writer and drops them for retention.
+//! - [`partitions`] creates time partitions ahead of the writer and drops them for retention;
+//!   [`compaction`] sorts closed points partitions and swaps their btree for BRIN.
+//! - [`rollup`] keeps the 1-minute and 1-hour aggregates, merged by the writer.
 //! - [`query`] holds the read queries the gRPC API serves.
 //! - [`rules`] stores deployed rules and loads persisted rule state.
 
+pub mod compaction;
 pub mod devices;
 pub mod managed;
 pub mod partitions;
 pub mod pgcopy;
 pub mod query;
 pub mod record;
+pub mod rollup;
 pub mod rules;
 pub mod writer;
 
 pub use record::{DeadLetterRecord, EventRecord, PointRecord, Record, StateRecord};
-pub use writer::{OnStored, Sink, WriterConfig, WriterStopped, spawn_writer, stored_mark};
+pub use writer::{
+    OnStored, Sink, StoredProgress, Writer, WriterConfig, WriterStopped, shard_of, spawn_writer,
+    start_writer,
+};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};

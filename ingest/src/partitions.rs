@@ -1,14 +1,14 @@
-//! Time partitions of `points` and `events`: created before any row needs
-//! them, dropped whole for retention.
+//! Time partitions of `points`, `events` and the rollups: created before any
+//! row needs them, dropped whole for retention.
 //!
-//! Both tables are range-partitioned on `time` with no default partition
-//! (`migrations/0004_partitions.sql`). The writer is the only inserter, and
+//! All four are range-partitioned on time (`bucket` for rollups) with no
+//! default partition (`migrations/0004_partitions.sql`, `0006`). The writer is the only inserter, and
 //! before each batch it makes sure every row's time falls in a partition,
 //! creating the missing ones, so an insert never fails for a missing
 //! partition, for late data with old timestamps or future data alike (how
 //! far from now data may be is the processor's check, see
 //! `PartitionConfig::max_future_hours`). Partitions are `interval_hours`
-//! wide, aligned to the Unix epoch (so days start at 00:00 UTC), and named
+//! wide (rollups have their own widths), aligned to the Unix epoch (so days start at 00:00 UTC), and named
 //! `TABLE_pYYYYMMDD_HHMM` after their start. If the interval changes, new
 //! partitions are clipped to their existing neighbours, never overlapping.
 //!
@@ -17,7 +17,7 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Acquire, PgConnection, PgPool};
 use std::collections::{BTreeMap, HashMap};
 use tracing::{debug, info};
 
@@ -26,15 +26,24 @@ use tracing::{debug, info};
 pub enum Table {
     Points,
     Events,
+    Rollup1m,
+    Rollup1h,
 }
 
 impl Table {
-    pub const ALL: [Table; 2] = [Table::Points, Table::Events];
+    pub const ALL: [Table; 4] = [
+        Table::Points,
+        Table::Events,
+        Table::Rollup1m,
+        Table::Rollup1h,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Table::Points => "points",
             Table::Events => "events",
+            Table::Rollup1m => "rollup_1m",
+            Table::Rollup1h => "rollup_1h",
         }
     }
 }
@@ -42,8 +51,12 @@ impl Table {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PartitionConfig {
-    /// Width of one partition (24: one per UTC day).
+    /// Width of one partition of points and events (24: one per UTC day).
     pub interval_hours: u32,
+    /// Width of one partition of the 1-minute rollups (168: a week).
+    pub rollup_1m_interval_hours: u32,
+    /// Width of one partition of the 1-hour rollups (720: 30 days).
+    pub rollup_1h_interval_hours: u32,
     /// Partitions created ahead of now, so the first rows of a new period
     /// never wait for DDL.
     pub create_ahead: u32,
@@ -52,19 +65,32 @@ pub struct PartitionConfig {
     pub points_retention_days: u32,
     /// The same for events.
     pub events_retention_days: u32,
+    /// The same for the 1-minute rollups.
+    pub rollup_1m_retention_days: u32,
+    /// The same for the 1-hour rollups.
+    pub rollup_1h_retention_days: u32,
     /// Rows timed further than this in the future go to the dead letters
     /// (a clock gone wrong would otherwise create partitions for years).
     pub max_future_hours: u32,
+    /// A points partition whose range ended this many hours ago is
+    /// compacted: its rows sorted by series and its btree replaced by a BRIN
+    /// index (see `compaction.rs`). 0: never.
+    pub compact_after_hours: u32,
 }
 
 impl Default for PartitionConfig {
     fn default() -> Self {
         Self {
             interval_hours: 24,
+            rollup_1m_interval_hours: 168,
+            rollup_1h_interval_hours: 720,
             create_ahead: 2,
             points_retention_days: 0,
             events_retention_days: 0,
+            rollup_1m_retention_days: 0,
+            rollup_1h_retention_days: 0,
             max_future_hours: 24,
+            compact_after_hours: 2,
         }
     }
 }
@@ -74,6 +100,8 @@ impl PartitionConfig {
         let days = match table {
             Table::Points => self.points_retention_days,
             Table::Events => self.events_retention_days,
+            Table::Rollup1m => self.rollup_1m_retention_days,
+            Table::Rollup1h => self.rollup_1h_retention_days,
         };
         (days > 0).then(|| Duration::days(i64::from(days)))
     }
@@ -82,6 +110,15 @@ impl PartitionConfig {
     /// in a partition retention drops (`None`: no bound).
     pub fn oldest_allowed(&self, table: Table, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.retention(table).map(|r| now - r)
+    }
+
+    fn interval_micros(&self, table: Table) -> i64 {
+        let hours = match table {
+            Table::Points | Table::Events => self.interval_hours,
+            Table::Rollup1m => self.rollup_1m_interval_hours,
+            Table::Rollup1h => self.rollup_1h_interval_hours,
+        };
+        i64::from(hours.max(1)) * 3_600_000_000
     }
 }
 
@@ -101,8 +138,8 @@ impl Partitions {
         }
     }
 
-    fn interval_micros(&self) -> i64 {
-        i64::from(self.config.interval_hours.max(1)) * 3_600_000_000
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
     }
 
     /// Makes sure every time in `times` has a partition of `table`.
@@ -143,7 +180,7 @@ impl Partitions {
         table: Table,
         t: i64,
     ) -> Result<(), sqlx::Error> {
-        let width = self.interval_micros();
+        let width = self.config.interval_micros(table);
         let mut lower = t.div_euclid(width) * width;
         let mut upper = lower + width;
         let ranges = self.ranges.entry(table).or_default();
@@ -156,16 +193,33 @@ impl Partitions {
         let (from, to) = (micros_to_time(lower), micros_to_time(upper));
         let name = format!("{}_p{}", table.name(), from.format("%Y%m%d_%H%M"));
         // DDL takes no bind parameters; the name and bounds are computed
-        // here from integers, never taken from input.
-        let ddl = format!(
-            "CREATE TABLE IF NOT EXISTS \"{name}\" PARTITION OF {} FOR VALUES FROM ('{}') TO ('{}')",
-            table.name(),
-            from.to_rfc3339(),
-            to.to_rfc3339()
-        );
-        sqlx::query(sqlx::AssertSqlSafe(ddl))
-            .execute(&mut *conn)
+        // here from integers, never taken from input. A points partition
+        // gets its own btree in the same transaction (there is none on the
+        // parent, so compaction can replace it; see compaction.rs).
+        let mut tx = conn.begin().await?;
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(format!("\"{name}\""))
+            .fetch_one(&mut *tx)
             .await?;
+        if exists.is_none() {
+            let ddl = format!(
+                "CREATE TABLE \"{name}\" PARTITION OF {} FOR VALUES FROM ('{}') TO ('{}')",
+                table.name(),
+                from.to_rfc3339(),
+                to.to_rfc3339()
+            );
+            sqlx::query(sqlx::AssertSqlSafe(ddl))
+                .execute(&mut *tx)
+                .await?;
+            if table == Table::Points {
+                let ddl =
+                    format!("CREATE INDEX \"{name}_series_time\" ON \"{name}\" (series_id, time)");
+                sqlx::query(sqlx::AssertSqlSafe(ddl))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
         debug!(partition = %name, %from, %to, "partition created");
         metrics::counter!("sluice_partitions_created_total", "table" => table.name()).increment(1);
         ranges.insert(lower, upper);
@@ -199,12 +253,12 @@ impl Partitions {
         now: DateTime<Utc>,
     ) -> Result<Vec<String>, sqlx::Error> {
         let mut conn = pool.acquire().await?;
-        let width = self.interval_micros();
-        let ahead: Vec<DateTime<Utc>> = (0..=i64::from(self.config.create_ahead))
-            .map(|i| micros_to_time(now.timestamp_micros() + i * width))
-            .collect();
         let mut dropped = Vec::new();
         for table in Table::ALL {
+            let width = self.config.interval_micros(table);
+            let ahead: Vec<DateTime<Utc>> = (0..=i64::from(self.config.create_ahead))
+                .map(|i| micros_to_time(now.timestamp_micros() + i * width))
+                .collect();
             self.ensure(&mut conn, table, ahead.iter().copied()).await?;
             let Some(oldest) = self.config.oldest_allowed(table, now) else {
                 continue;

@@ -51,7 +51,7 @@ async fn partitions_are_made_for_any_time_and_dropped_by_retention() {
         now,
         now + Duration::hours(1),
     ];
-    let (sink, writer) = spawn_writer(pool.clone(), WriterConfig::default(), None, None);
+    let (sink, writer) = spawn_writer(pool.clone(), WriterConfig::default(), None);
     let mut records: Vec<Record> = times.iter().map(|&t| point("dev", t, 1.0)).collect();
     records.extend(times.iter().map(|&t| event(t)));
     tokio::task::spawn_blocking(move || sink.blocking_send(records).unwrap())
@@ -69,7 +69,7 @@ async fn partitions_are_made_for_any_time_and_dropped_by_retention() {
         .await
         .unwrap();
     assert_eq!(in_1999, 1, "the 1999 row is in its day's partition");
-    for table in Table::ALL {
+    for table in [Table::Points, Table::Events] {
         let names = partition_names(&pool, table).await;
         assert!(names.len() >= 3, "{table:?}: {names:?}");
         assert!(
