@@ -11,6 +11,7 @@ mod rules_admin;
 mod rules_cmd;
 mod rules_new;
 mod serve;
+mod storage_cmd;
 
 use clap::{Args, Parser, Subcommand};
 use config::{BrokerFlags, Config, FlagOverrides, RulesFlags};
@@ -81,6 +82,9 @@ enum Command {
     /// Work with rule modules (test one locally on sample messages).
     #[command(subcommand)]
     Rules(rules_cmd::RulesCommand),
+    /// Storage: what the tables hold and cost; partition upkeep on demand.
+    #[command(subcommand)]
+    Storage(storage_cmd::StorageCommand),
     /// Generate a secret for an application client and print it with its
     /// Argon2id hash, for `broker.applications.NAME.secret_hash`.
     SecretHash,
@@ -168,6 +172,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             success(runtime()?.block_on(devices_cmd::run(&config, command)))
         }
         Command::Rules(command) => rules_cmd::run(command, &config.rules.limits),
+        Command::Storage(command) => {
+            success(runtime()?.block_on(storage_cmd::run(&config, command)))
+        }
         Command::SecretHash => {
             let secret = sluice_ingest::devices::generate_secret();
             let hash = sluice_ingest::devices::hash_secret(&secret)?;

@@ -58,7 +58,24 @@ pub async fn compact(pool: &PgPool, partition: &str) -> Result<(), sqlx::Error> 
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     // Names come from the catalog and are quoted as identifiers; DDL takes
-    // no bind parameters.
+    // no bind parameters. Locked first, then checked, so two upkeep runs
+    // (the server's and `sluice storage maintain`) never both compact it.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE \"{quoted}\" IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    let done: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
+         JOIN pg_am am ON am.oid = i.relam \
+         WHERE x.indrelid = $1::regclass AND am.amname = 'brin')",
+    )
+    .bind(format!("\"{quoted}\""))
+    .fetch_one(&mut *tx)
+    .await?;
+    if done {
+        return Ok(());
+    }
     let statements = [
         format!(
             "CREATE INDEX IF NOT EXISTS \"{quoted}_series_time\" ON \"{quoted}\" (series_id, time)"
