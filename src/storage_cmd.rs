@@ -35,20 +35,24 @@ struct Usage {
     index_bytes: i64,
 }
 
+/// The table itself if it is not partitioned, else its partitions.
+const LEAVES: &str = "(SELECT relid FROM pg_partition_tree($1::regclass) WHERE isleaf \
+     UNION SELECT $1::regclass WHERE NOT EXISTS \
+       (SELECT 1 FROM pg_partition_tree($1::regclass) WHERE level > 0))";
+
 async fn usage(pool: &PgPool, name: &str, leaves: &str) -> anyhow::Result<Usage> {
     // `leaves` is one of the constant filters below; the table is bound.
     let (table_bytes, index_bytes): (Option<i64>, Option<i64>) =
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT sum(pg_table_size(relid))::int8, sum(pg_indexes_size(relid))::int8 \
-             FROM pg_partition_tree($1::regclass) t WHERE isleaf AND {leaves}"
+             FROM {LEAVES} t WHERE {leaves}"
         )))
         .bind(name)
         .fetch_one(pool)
         .await?;
     let mut rows = 0;
     let parts: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT relid::regclass::text FROM pg_partition_tree($1::regclass) t \
-         WHERE isleaf AND {leaves}"
+        "SELECT relid::regclass::text FROM {LEAVES} t WHERE {leaves}"
     )))
     .bind(name)
     .fetch_all(pool)

@@ -75,6 +75,7 @@ pub(super) struct Context<'a> {
     pub series: &'a mut SeriesCache,
     pub partitions: &'a Mutex<Partitions>,
     pub config: &'a PartitionConfig,
+    pub rollups: bool,
 }
 
 pub(super) async fn write(
@@ -84,7 +85,7 @@ pub(super) async fn write(
 ) -> Result<Written, sqlx::Error> {
     let mut conn = cx.pool.acquire().await?;
     cx.series.resolve(&mut conn, &batch.points).await?;
-    let rollups_from = rollups_from(cx.config);
+    let rollups_from = rollups_from(cx.config, cx.rollups);
     {
         // Outside the data transaction: DDL there would hold its locks until commit.
         let mut partitions = cx.partitions.lock().await;
@@ -176,8 +177,12 @@ const ROLLUPS: [(Table, Resolution); 2] = [
 ];
 
 /// Per resolution, the oldest bucket time retention keeps (older points are
-/// stored raw but not rolled up into a partition that would be dropped).
-fn rollups_from(config: &PartitionConfig) -> [Option<DateTime<Utc>>; 2] {
+/// stored raw but not rolled up into a partition that would be dropped);
+/// with rollups off, a time no point has.
+fn rollups_from(config: &PartitionConfig, enabled: bool) -> [Option<DateTime<Utc>>; 2] {
+    if !enabled {
+        return [Some(DateTime::<Utc>::MAX_UTC); 2];
+    }
     let now = Utc::now();
     ROLLUPS.map(|(table, resolution)| {
         config

@@ -50,6 +50,8 @@ pub struct WriterConfig {
     /// Writer shards: database connections writing in parallel, each
     /// owning a fixed share of the devices.
     pub writers: usize,
+    /// Maintain the 1-minute and 1-hour rollups with every batch.
+    pub rollups: bool,
     /// Time partitions of points, events and rollups, their retention and
     /// compaction.
     pub partitions: PartitionConfig,
@@ -67,6 +69,7 @@ impl Default for WriterConfig {
             flush_interval_ms: 100,
             queue_batches: 128,
             writers: 2,
+            rollups: true,
             partitions: PartitionConfig::default(),
         }
     }
@@ -422,6 +425,7 @@ impl Shard {
                 series,
                 partitions: &self.partitions,
                 config: &self.config.partitions,
+                rollups: self.config.rollups,
             };
             match batch::write(cx, batch, progress).await {
                 Ok(written) => {
