@@ -27,22 +27,22 @@ step_ms=${4:-10000}
 source "$(dirname "$0")/common.sh"
 start_sluice SLUICE_INGEST__PARTITIONS__COMPACT_AFTER_HOURS=0
 
-PGPASSWORD=$(cat "$work/data/pg-password")
-pgport=$(sed -n 4p "$work/data/pg/postmaster.pid")
-url="postgres://postgres:$PGPASSWORD@127.0.0.1:$pgport/sluice"
+managed_pg
+# Through the environment, not the command line, where `ps` would show the password.
+export DATABASE_URL="$database_url"
 rows=$((devices * metrics_n * points))
 # Three days ago at midnight UTC: a closed partition, in every time zone.
 start=$(date -u -d "3 days ago" +%Y-%m-%dT00:00:00Z)
 
-"$bin/sluice-copy-ceiling" --database-url "$url" --rows "$rows" --devices "$devices" \
+"$bin/sluice-copy-ceiling" --rows "$rows" --devices "$devices" \
   --metrics "$metrics_n" --start "$start" --step-ms "$step_ms" >"$work/copy.json"
 echo "loaded: $(cat "$work/copy.json")"
-stats() { "$bin/sluice" --database-url "$url" storage stats; }
+stats() { "$bin/sluice" storage stats; }
 echo
 echo "## $rows points, open partition layout ($(date -u +%F), $(nproc) cores)"
 stats
 echo
-"$bin/sluice" --database-url "$url" storage maintain
+"$bin/sluice" storage maintain
 echo
 echo "## after compaction"
 stats

@@ -41,3 +41,16 @@ stop_sluice() {
   sluice_pid=""
 }
 trap 'stop_sluice; rm -rf "$work"' EXIT
+
+# managed_pg: once a server is ready, the managed PostgreSQL's port
+# ($pgport), password (exported as PGPASSWORD) and URL ($database_url).
+managed_pg() {
+  PGPASSWORD=$(cat "$work/data/pg-password")
+  export PGPASSWORD
+  pgport=$(sed -n 4p "$work/data/pg/postmaster.pid")
+  database_url="postgres://postgres:$PGPASSWORD@127.0.0.1:$pgport/sluice"
+}
+# psql_ ARGS...: psql on the managed database, unaligned, tuples only.
+psql_() { psql -X -q -t -A -h 127.0.0.1 -p "$pgport" -U postgres -d sluice "$@"; }
+# prom_samples REGEX: the server's Prometheus samples whose name matches REGEX.
+prom_samples() { curl -s "127.0.0.1:$metrics/metrics" | awk -v re="$1" '$1 !~ /^#/ && $1 ~ re'; }
