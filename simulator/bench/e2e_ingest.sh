@@ -8,8 +8,8 @@
 #      DEVICES devices for DURATION seconds; the run's rate is points stored
 #      divided by the time from the first publish until the last point is
 #      stored (measured by polling the table);
-#   3. the ceiling, into the same `points` table (already holding the run's
-#      rows): `sluice-copy-ceiling` writes max(points stored, 1,000,000) rows
+#   3. the ceiling, into the same `points` table (emptied first, as it was
+#      when the run started): `sluice-copy-ceiling` writes max(points stored, 1,000,000) rows
 #      by binary COPY in 10,000-row transactions, as the writer encodes them,
 #      on 1 connection and then on 2, series shaped like the run (DEVICES ×
 #      points per message); then `psql \copy` of as many rows as CSV, the
@@ -57,9 +57,10 @@ d = $sent_points - $stored
 print('none lost' if d == 0 else f'{d:,} lost' if d > 0 else f'{-d:,} more stored than sent')")
 
 # The ceiling: as many rows as the run stored (at least 1M), series shaped
-# like the run's, into the same table. Each measurement gets its own time
-# range (1 s between a series' points, from an hour ago), so none repeats
-# another's keys.
+# like the run's, into the same table, emptied (TRUNCATE) before each
+# measurement, so every measurement, the end-to-end run's included, fills
+# the same empty table with as many rows. Each gets its own time range (1 s
+# between a series' points, from an hour ago), so none repeats another's keys.
 rows=$((stored > 1000000 ? stored : 1000000))
 points_per_msg=$((metrics_per_msg + 1))
 series=$((devices * points_per_msg))
@@ -68,6 +69,7 @@ start1=$(($(date +%s) - 3600))
 start2=$((start1 + span))
 rfc3339() { date -u -d "@$1" +%Y-%m-%dT%H:%M:%SZ; }
 ceiling() { # CONNECTIONS START → rows/s
+  psql_ -c "TRUNCATE points"
   DATABASE_URL=$database_url "$bin/sluice-copy-ceiling" --rows "$rows" --devices "$devices" \
     --metrics "$points_per_msg" --connections "$1" --batch-rows 10000 --start "$(rfc3339 "$2")" \
     --step-ms 1000 >"$work/ceiling.json" 2>>"$work/ceiling.log"
@@ -95,13 +97,13 @@ for k in range(-(-rows // len(series))):
     for i, sid in enumerate(series[: rows - k * len(series)]):
         out.write(f"{sid},{t},{20 + (k * 7 + i) % 1000 / 100:.2f}\n")
 PY
+psql_ -c "TRUNCATE points"
 c0=$(date +%s.%N)
 psql_ -c "\\copy points (series_id, time, value) FROM '$work/points.csv' CSV"
 c1=$(date +%s.%N)
 csv=$(python3 -c "print(round($rows / ($c1 - $c0)))")
 total=$(count)
-expected=$((stored + 3 * rows))
-[ "$total" = "$expected" ] || echo "warning: points holds $total rows, expected $expected" >&2
+[ "$total" = "$rows" ] || echo "warning: points holds $total rows, expected $rows" >&2
 
 ratio() { python3 -c "print(f'{$1 / $2:.0%}')"; }
 echo "# writer: ${writer:-no writer metrics}"
