@@ -3,13 +3,14 @@
 //!
 //! While a partition takes live data its rows arrive interleaved across
 //! series, and finding one series' rows needs the btree on
-//! `(series_id, time)`: about 30 bytes per point beside a 52-byte row
-//! (BENCHMARKS.md, "Bytes per point"). Once the partition's time range is
-//! `compact_after_hours` in the past it rarely changes, so Sluice rewrites
+//! `(series_id, time)`: 42 bytes per point beside a 52-byte row
+//! (BENCHMARKS.md, "Bytes per point at 10 million points"). Once the
+//! partition's time range is `compact_after_hours` in the past it rarely
+//! changes, so Sluice rewrites
 //! it in `(series_id, time)` order (`CLUSTER`) and swaps the btree for a
 //! BRIN index on the same columns. With sorted rows a BRIN range covers one
 //! or two series, so lookups stay selective, and the index costs a few
-//! hundred kilobytes instead of a third of the table.
+//! hundred kilobytes instead of 45% of the partition.
 //!
 //! Late rows still land in a compacted partition (appended unsorted; BRIN
 //! summarizes them, `autosummarize`), so the never-fail-an-insert invariant
