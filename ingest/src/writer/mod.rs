@@ -41,8 +41,12 @@ use tracing::{debug, error, warn};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WriterConfig {
-    /// Flush a shard once this many rows are waiting in it.
+    /// Flush a shard once this many rows are waiting in it...
     pub batch_rows: usize,
+    /// ...unless more input is already queued behind them (a backlog, e.g.
+    /// after a database outage): then the batch grows up to this many rows,
+    /// as fewer, larger transactions store more per second.
+    pub backlog_batch_rows: usize,
     /// Flush at the latest this long after the oldest waiting row arrived.
     pub flush_interval_ms: u64,
     /// Capacity of each shard's channel, in pipeline batches.
@@ -66,6 +70,7 @@ impl Default for WriterConfig {
         // "Writer shards".
         Self {
             batch_rows: 10_000,
+            backlog_batch_rows: 50_000,
             flush_interval_ms: 100,
             queue_batches: 128,
             writers: 2,
@@ -361,7 +366,12 @@ impl Shard {
                             oldest.get_or_insert_with(tokio::time::Instant::now);
                             batch.extend(input.records);
                         }
-                        if batch.rows() >= self.config.batch_rows {
+                        let limit = if rx.is_empty() {
+                            self.config.batch_rows
+                        } else {
+                            self.config.backlog_batch_rows.max(self.config.batch_rows)
+                        };
+                        if batch.rows() >= limit {
                             self.flush(&mut series, &mut batch, &mut marks).await;
                             oldest = None;
                         }
