@@ -23,8 +23,8 @@ pub mod writer;
 
 pub use record::{DeadLetterRecord, EventRecord, PointRecord, Record, StateRecord};
 pub use writer::{
-    OnStored, Sink, StoredProgress, Writer, WriterConfig, WriterStopped, shard_of, spawn_writer,
-    start_writer,
+    OnStored, Sink, StoredProgress, Writer, WriterConfig, WriterStopped, create_series, shard_of,
+    spawn_writer, start_writer,
 };
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -26,6 +26,7 @@ mod progress;
 mod series;
 
 pub use progress::{StoredProgress, shard_of};
+pub use series::create_series;
 
 use crate::partitions::{PartitionConfig, Partitions};
 use crate::record::Record;

@@ -47,23 +47,7 @@ impl SeriesCache {
             self.ids.clear();
             self.entries = 0;
         }
-        sqlx::query(
-            "INSERT INTO series (device_id, metric) \
-             SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
-        )
-        .bind(&devices)
-        .bind(&metrics)
-        .execute(&mut *conn)
-        .await?;
-        let rows: Vec<(i32, String, String)> = sqlx::query_as(
-            "SELECT s.id, s.device_id, s.metric FROM series s \
-             JOIN UNNEST($1::text[], $2::text[]) AS want(device_id, metric) \
-             ON s.device_id = want.device_id AND s.metric = want.metric",
-        )
-        .bind(&devices)
-        .bind(&metrics)
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows = create_series(conn, &devices, &metrics).await?;
         for (id, device, metric) in rows {
             self.ids
                 .entry(Arc::from(device))
@@ -85,4 +69,31 @@ impl SeriesCache {
         }
         Ok(())
     }
+}
+
+/// Makes sure the series `(devices[i], metrics[i])` exist and returns their
+/// `(id, device, metric)` rows (in no particular order). Names must be free
+/// of NUL (see `sanitize_text`).
+pub async fn create_series(
+    conn: &mut PgConnection,
+    devices: &[String],
+    metrics: &[String],
+) -> Result<Vec<(i32, String, String)>, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO series (device_id, metric) \
+         SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(devices)
+    .bind(metrics)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query_as(
+        "SELECT s.id, s.device_id, s.metric FROM series s \
+         JOIN UNNEST($1::text[], $2::text[]) AS want(device_id, metric) \
+         ON s.device_id = want.device_id AND s.metric = want.metric",
+    )
+    .bind(devices)
+    .bind(metrics)
+    .fetch_all(conn)
+    .await
 }

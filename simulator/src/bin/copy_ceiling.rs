@@ -247,25 +247,9 @@ async fn series_ids(conn: &mut PgConnection, devices: u32, metrics: u32) -> Resu
             metric_names.push(format!("m{m}"));
         }
     }
-    sqlx::query(
-        "INSERT INTO series (device_id, metric) \
-         SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
-    )
-    .bind(&device_names)
-    .bind(&metric_names)
-    .execute(&mut *conn)
-    .await
-    .context("creating the series")?;
-    let found: Vec<(i32, String, String)> = sqlx::query_as(
-        "SELECT s.id, s.device_id, s.metric FROM series s \
-         JOIN UNNEST($1::text[], $2::text[]) AS want(device_id, metric) \
-         ON s.device_id = want.device_id AND s.metric = want.metric",
-    )
-    .bind(&device_names)
-    .bind(&metric_names)
-    .fetch_all(&mut *conn)
-    .await
-    .context("looking up the series ids")?;
+    let found = sluice_ingest::create_series(conn, &device_names, &metric_names)
+        .await
+        .context("creating the series")?;
     let by_name: HashMap<(String, String), i32> = found
         .into_iter()
         .map(|(id, device, metric)| ((device, metric), id))
