@@ -18,6 +18,13 @@ use config::{BrokerFlags, Config, FlagOverrides, RulesFlags};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+// mimalloc rather than glibc's malloc: the hot path allocates and frees small
+// buffers on many threads (edge connections, the pipeline, rule workers, the
+// writer), where glibc's arenas spent about a tenth of the process's CPU time
+// in a profile of the end-to-end benchmark (BENCHMARKS.md, "Storage").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",

@@ -7,8 +7,8 @@
 #   2. `sluice-copy-ceiling` writes DEVICES × METRICS series × POINTS each,
 #      one point per series every STEP_MS, interleaved across series in time
 #      order as live data arrives, by binary COPY into `points` in 10,000-row
-#      transactions (the writer's encoding and batch size), all in one past
-#      day's partition;
+#      transactions (the writer's encoding, batch size and order: each
+#      transaction sorted by series and time), all in one past day's partition;
 #   3. `sluice storage stats` (the open partition's layout: rows in arrival
 #      order, btree on (series_id, time));
 #   4. `sluice storage maintain` compacts the partition (sorted rows, BRIN);
@@ -35,7 +35,7 @@ rows=$((devices * metrics_n * points))
 start=$(date -u -d "3 days ago" +%Y-%m-%dT00:00:00Z)
 
 "$bin/sluice-copy-ceiling" --rows "$rows" --devices "$devices" \
-  --metrics "$metrics_n" --start "$start" --step-ms "$step_ms" >"$work/copy.json"
+  --metrics "$metrics_n" --start "$start" --step-ms "$step_ms" --sorted >"$work/copy.json"
 echo "loaded: $(cat "$work/copy.json")"
 stats() { "$bin/sluice" storage stats; }
 echo

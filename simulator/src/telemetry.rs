@@ -149,6 +149,8 @@ impl Walk {
 #[derive(Debug)]
 pub struct TelemetryGenerator {
     seq: u64,
+    /// The last `ts` stamped, so the next one can be later.
+    last_ts_ms: Option<i64>,
     walks: Vec<Walk>,
     rng: SmallRng,
 }
@@ -168,7 +170,12 @@ impl TelemetryGenerator {
                 None => Walk::new(format!("m{}", i + 1), generic_spec(), &mut rng),
             })
             .collect();
-        TelemetryGenerator { seq: 0, walks, rng }
+        TelemetryGenerator {
+            seq: 0,
+            last_ts_ms: None,
+            walks,
+            rng,
+        }
     }
 
     /// `seq` of the next message.
@@ -177,9 +184,20 @@ impl TelemetryGenerator {
         self.seq
     }
 
-    /// The next message as a JSON object, stamped with `ts_ms` (epoch
-    /// milliseconds). Advances `seq` by one and every walk by one step.
-    pub fn next_message(&mut self, ts_ms: i64) -> Map<String, Value> {
+    /// The next message as a JSON object, stamped with `now_ms` (epoch
+    /// milliseconds), or 1 ms after the previous message when that is later.
+    /// Advances `seq` by one and every walk by one step.
+    ///
+    /// Every message of a device gets its own time, as every sample of a
+    /// real sensor does. Unthrottled, a device publishes many messages within
+    /// one millisecond of the clock; stamped alike they would be repeated
+    /// (series, time) keys, which PostgreSQL's btree stores deduplicated and
+    /// far more cheaply than real data, flattering every storage benchmark.
+    pub fn next_message(&mut self, now_ms: i64) -> Map<String, Value> {
+        let ts_ms = self
+            .last_ts_ms
+            .map_or(now_ms, |last| now_ms.max(last.saturating_add(1)));
+        self.last_ts_ms = Some(ts_ms);
         let mut obj = Map::with_capacity(self.walks.len() + 2);
         obj.insert("seq".to_owned(), Value::from(self.seq));
         obj.insert("ts".to_owned(), Value::from(ts_ms));
@@ -194,8 +212,8 @@ impl TelemetryGenerator {
     }
 
     /// The next message serialised as the MQTT payload.
-    pub fn next_payload(&mut self, ts_ms: i64) -> Vec<u8> {
-        let obj = self.next_message(ts_ms);
+    pub fn next_payload(&mut self, now_ms: i64) -> Vec<u8> {
+        let obj = self.next_message(now_ms);
         serde_json::to_vec(&obj).expect("a map of strings and finite numbers always serialises")
     }
 }
@@ -227,6 +245,19 @@ mod tests {
         for key in ["temperature", "humidity", "pressure", "battery"] {
             assert!(obj[key].is_f64(), "{key} should be a number: {}", obj[key]);
         }
+    }
+
+    #[test]
+    fn each_message_of_a_device_has_its_own_time() {
+        let mut g = TelemetryGenerator::new(1, Some(3));
+        let ts = |g: &mut TelemetryGenerator, now| g.next_message(now)["ts"].as_i64().unwrap();
+        // Three messages within one millisecond of the clock, then the clock
+        // catches up, then jumps ahead.
+        assert_eq!(ts(&mut g, 1_000), 1_000);
+        assert_eq!(ts(&mut g, 1_000), 1_001);
+        assert_eq!(ts(&mut g, 1_000), 1_002);
+        assert_eq!(ts(&mut g, 1_002), 1_003);
+        assert_eq!(ts(&mut g, 5_000), 5_000);
     }
 
     #[test]

@@ -354,7 +354,6 @@ async fn write_points(
         return Ok(());
     }
     let mut ids = Vec::with_capacity(points.len());
-    let mut w = BinaryCopyWriter::new();
     for p in points {
         let id = series.get(&p.device_id, &p.metric).ok_or_else(|| {
             sqlx::Error::Protocol(format!(
@@ -363,10 +362,21 @@ async fn write_points(
             ))
         })?;
         ids.push(id);
+    }
+    // Rows go in sorted by (series, time), stable so equal times keep their
+    // arrival order. In arrival order every row lands on another series'
+    // btree leaf; sorted, consecutive rows extend the same leaf, which
+    // PostgreSQL then also splits where the series grows instead of in half.
+    // Measured: 1.4-1.8x the rows/s of binary COPY in arrival order
+    // (BENCHMARKS.md, "Storage").
+    let mut order: Vec<usize> = (0..points.len()).collect();
+    order.sort_by_key(|&i| (ids[i], points[i].time));
+    let mut w = BinaryCopyWriter::new();
+    for i in order {
         w.begin_row(3);
-        w.int4(id);
-        w.timestamptz(p.time);
-        w.float8(p.value);
+        w.int4(ids[i]);
+        w.timestamptz(points[i].time);
+        w.float8(points[i].value);
     }
     copy_in(
         conn,
