@@ -23,7 +23,9 @@ pub const MAX_PACKET_BYTES: usize = 256 * 1024;
 ///
 /// Every device publishes a JSON object to `devices/{id}/telemetry` with a
 /// per-device `seq` (0, 1, 2, …, so consumers can detect loss and
-/// duplicates), `ts` (epoch milliseconds) and `--metrics` numeric fields.
+/// duplicates), `ts` (epoch milliseconds; 1 ms after the device's previous
+/// message when the clock has not moved, so no two share a time) and
+/// `--metrics` numeric fields.
 #[derive(Debug, Parser)]
 #[command(
     name = "sluice-sim",
