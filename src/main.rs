@@ -20,8 +20,9 @@ use std::path::PathBuf;
 
 // mimalloc rather than glibc's malloc: the hot path allocates and frees small
 // buffers on many threads (edge connections, the pipeline, rule workers, the
-// writer), where glibc's arenas spent about a tenth of the process's CPU time
-// in a profile of the end-to-end benchmark (BENCHMARKS.md, "Storage").
+// writer). In a profile of the end-to-end benchmark, glibc's malloc and free
+// in Sluice's threads took about a tenth of the machine's CPU, a fifth of
+// the process's (BENCHMARKS.md, "Storage").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
 
 // The load generator shares the machine with the server it measures; a
 // faster allocator leaves more of it to the server.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::args::{Args, Config};
 use crate::stats::{Stats, Summary};
