@@ -163,6 +163,9 @@ fn run_rules(
     let mut records = Vec::new();
     while !messages.is_empty() {
         processor.process(&messages, outputs);
+        // Sized once: a read batch makes tens of thousands of records, and
+        // growing by doubling copies them and touches fresh pages each step.
+        records.reserve(outputs.len());
         let received_at = messages[0].received_at;
         messages = route_outputs(outputs, received_at, publisher, &mut records);
     }

@@ -15,9 +15,9 @@
 //! are exactly representable and otherwise to rounding.
 
 use chrono::{DateTime, Utc};
+use foldhash::HashMap;
 use sqlx::PgConnection;
 use std::cmp::Ordering;
-use std::collections::HashMap;
 
 /// The rollup tables, by bucket width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,14 +121,26 @@ pub fn aggregate(
     resolution: Resolution,
     samples: impl Iterator<Item = (i32, DateTime<Utc>, f64)>,
 ) -> HashMap<(i32, DateTime<Utc>), Aggregate> {
-    let mut out: HashMap<(i32, DateTime<Utc>), Aggregate> = HashMap::new();
+    // Keyed by the bucket's start in microseconds: this runs for every
+    // stored point, and integer division is far cheaper than building a
+    // DateTime per point. Each bucket becomes a DateTime once, at the end.
+    let width = resolution.width_micros();
+    let mut by_micros: HashMap<(i32, i64), Aggregate> = HashMap::default();
     for (series, time, value) in samples {
         let sample = Aggregate::of(time, value);
-        out.entry((series, resolution.bucket(time)))
+        let bucket = time.timestamp_micros().div_euclid(width) * width;
+        by_micros
+            .entry((series, bucket))
             .and_modify(|a| a.merge(&sample))
             .or_insert(sample);
     }
-    out
+    by_micros
+        .into_iter()
+        .map(|((series, bucket), a)| {
+            let start = DateTime::from_timestamp_micros(bucket).unwrap_or(a.first_time);
+            ((series, start), a)
+        })
+        .collect()
 }
 
 /// Merges the aggregates into the resolution's table. Each key must appear

@@ -2,8 +2,8 @@
 
 use crate::pgcopy::sanitize_text;
 use crate::record::PointRecord;
+use foldhash::HashMap;
 use sqlx::PgConnection;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::warn;
 
@@ -31,7 +31,7 @@ impl SeriesCache {
     ) -> Result<(), sqlx::Error> {
         let mut devices: Vec<String> = Vec::new();
         let mut metrics: Vec<String> = Vec::new();
-        let mut seen: std::collections::HashSet<(&str, &str)> = Default::default();
+        let mut seen: foldhash::HashSet<(&str, &str)> = Default::default();
         for p in points {
             if self.get(&p.device_id, &p.metric).is_none() && seen.insert((&p.device_id, &p.metric))
             {
