@@ -34,6 +34,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub rules: RulesConfig,
     pub ingest: WriterConfig,
+    pub api: ApiConfig,
 }
 
 impl Default for Config {
@@ -48,8 +49,18 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             rules: RulesConfig::default(),
             ingest: WriterConfig::default(),
+            api: ApiConfig::default(),
         }
     }
+}
+
+/// The gRPC API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Serve calls without an API token (development only; `--allow-anonymous`
+    /// turns this on together with anonymous MQTT).
+    pub allow_anonymous: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +125,14 @@ pub struct FlagOverrides {
     pub broker: Option<BrokerFlags>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rules: Option<RulesFlags>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiFlags>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ApiFlags {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
 }
 
 #[derive(Debug, Default, Serialize)]

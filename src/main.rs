@@ -12,9 +12,10 @@ mod rules_cmd;
 mod rules_new;
 mod serve;
 mod storage_cmd;
+mod tokens_cmd;
 
 use clap::{Args, Parser, Subcommand};
-use config::{BrokerFlags, Config, FlagOverrides, RulesFlags};
+use config::{ApiFlags, BrokerFlags, Config, FlagOverrides, RulesFlags};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -56,7 +57,8 @@ struct Flags {
     /// MQTT over WebSocket listener, path /mqtt [default: 0.0.0.0:8083]
     #[arg(long, global = true)]
     ws_listen: Option<SocketAddr>,
-    /// Let MQTT clients in without credentials (development only)
+    /// Let MQTT clients in without credentials and gRPC calls without an API
+    /// token (development only)
     #[arg(long, global = true)]
     allow_anonymous: bool,
     /// gRPC API listener [default: 0.0.0.0:50051]
@@ -93,6 +95,9 @@ enum Command {
     /// Storage: what the tables hold and cost; partition upkeep on demand.
     #[command(subcommand)]
     Storage(storage_cmd::StorageCommand),
+    /// API tokens of the gRPC API (uses the database exactly as `serve` does).
+    #[command(subcommand)]
+    Tokens(tokens_cmd::TokensCommand),
     /// Generate a secret for an application client and print it with its
     /// Argon2id hash, for `broker.applications.NAME.secret_hash`.
     SecretHash,
@@ -118,6 +123,9 @@ impl Flags {
                 allow_anonymous: self.allow_anonymous.then_some(true),
             }),
             rules: self.rules_dir.map(|dir| RulesFlags { dir }),
+            api: self.allow_anonymous.then_some(ApiFlags {
+                allow_anonymous: Some(true),
+            }),
         }
     }
 }
@@ -183,6 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Storage(command) => {
             success(runtime()?.block_on(storage_cmd::run(&config, command)))
         }
+        Command::Tokens(command) => success(runtime()?.block_on(tokens_cmd::run(&config, command))),
         Command::SecretHash => {
             let secret = sluice_ingest::devices::generate_secret();
             let hash = sluice_ingest::devices::hash_secret(&secret)?;

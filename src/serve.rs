@@ -42,6 +42,11 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
     if config.broker.allow_anonymous {
         warn!("anonymous MQTT clients are allowed (--allow-anonymous): for development only");
     }
+    if config.api.allow_anonymous {
+        warn!(
+            "gRPC calls are served without an API token (--allow-anonymous): for development only"
+        );
+    }
     let broker_cfg = config.broker.clone();
     let registry = Arc::new(PgDeviceRegistry::new(pool.clone()));
     let spool_dir = config.data_dir.join("spool");
@@ -131,9 +136,16 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut grpc = tokio::spawn(api::serve(grpc_listener, pool.clone(), catalog, async {
-        let _ = grpc_stop_rx.await;
-    }));
+    let auth = api::Authenticator::new(pool.clone(), config.api.allow_anonymous);
+    let mut grpc = tokio::spawn(api::serve(
+        grpc_listener,
+        pool.clone(),
+        catalog,
+        auth,
+        async {
+            let _ = grpc_stop_rx.await;
+        },
+    ));
 
     info!(
         mqtt = %config.broker.mqtt_listen,

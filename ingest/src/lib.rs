@@ -19,6 +19,7 @@ pub mod query;
 pub mod record;
 pub mod rollup;
 pub mod rules;
+pub mod tokens;
 pub mod writer;
 
 pub use record::{DeadLetterRecord, EventRecord, PointRecord, Record, StateRecord};

@@ -3,10 +3,12 @@
 //! latter), so `grpcurl`-style tools work without the .proto files.
 
 mod admin;
+mod auth;
 mod page_token;
 mod rules;
 mod telemetry;
 
+pub use auth::Authenticator;
 pub use rules::deployed_rule;
 
 use sluice_proto::v1::admin_server::AdminServer;
@@ -23,6 +25,7 @@ pub async fn serve(
     listener: TcpListener,
     pool: PgPool,
     catalog: Arc<RuleCatalog>,
+    auth: Authenticator,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -35,6 +38,7 @@ pub async fn serve(
 
     info!(addr = %listener.local_addr()?, "gRPC API listening");
     tonic::transport::Server::builder()
+        .layer(auth::AuthLayer(Arc::new(auth)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

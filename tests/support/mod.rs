@@ -17,6 +17,8 @@ use tonic::transport::Channel;
 pub struct Options {
     /// `--allow-anonymous`: most pipeline tests publish without credentials.
     pub allow_anonymous: bool,
+    /// Without `--allow-anonymous`, still serve gRPC calls without a token.
+    pub api_anonymous: bool,
     /// Extra environment (e.g. `SLUICE_BROKER__…` settings).
     pub env: Vec<(String, String)>,
     /// Written to `sluice.toml` in Sluice's working directory.
@@ -24,10 +26,22 @@ pub struct Options {
 }
 
 impl Options {
-    /// Authentication on (no `--allow-anonymous`).
+    /// MQTT authentication on (no `--allow-anonymous`). The gRPC API stays
+    /// open (`api.allow_anonymous`), so these tests can read back what
+    /// devices stored; the API's tokens are tested on their own
+    /// (`tests/api_auth.rs`, with [`Options::api_tokens`]).
     pub fn authenticated() -> Self {
         Self {
             allow_anonymous: false,
+            ..Default::default()
+        }
+    }
+
+    /// Every door closed: MQTT and the gRPC API both need credentials.
+    pub fn api_tokens() -> Self {
+        Self {
+            allow_anonymous: false,
+            api_anonymous: false,
             ..Default::default()
         }
     }
@@ -37,6 +51,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             allow_anonymous: true,
+            api_anonymous: true,
             env: Vec::new(),
             config_toml: None,
         }
@@ -140,6 +155,8 @@ impl Sluice {
             .stderr(log);
         if self.options.allow_anonymous {
             cmd.arg("--allow-anonymous");
+        } else if self.options.api_anonymous {
+            cmd.env("SLUICE_API__ALLOW_ANONYMOUS", "true");
         }
         self.child = Some(cmd.spawn().expect("spawn sluice"));
     }
