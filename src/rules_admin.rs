@@ -1,7 +1,7 @@
 //! `sluice rules deploy | list | show | enable | disable | delete`: the rule
 //! calls of `sluice.v1.Admin`, from the command line.
 
-use crate::rules_cmd::RulesCommand;
+use crate::rules_cmd::{RulesCommand, Server};
 use anyhow::Context;
 use sluice_proto::v1::admin_client::AdminClient;
 use sluice_proto::v1::rule::{Source, Status};
@@ -11,6 +11,9 @@ use sluice_proto::v1::{
 };
 use sluice_rules::manifest::Manifest;
 use std::path::Path;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
@@ -24,7 +27,7 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
             server,
         } => {
             let request = deploy_request(&path, name, topic, config, disabled)?;
-            let rule = client(&server.server)
+            let rule = client(&server)
                 .await?
                 .deploy_rule(request)
                 .await
@@ -40,7 +43,7 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
             print_rule(&rule);
         }
         RulesCommand::List { server } => {
-            let mut admin = client(&server.server).await?;
+            let mut admin = client(&server).await?;
             let mut page_token = String::new();
             println!(
                 "{:<24} {:<9} {:<10} {:>10} {:>8} {:>8} {:>9} {:>9}  TOPIC",
@@ -77,7 +80,7 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
             }
         }
         RulesCommand::Show { name, server } => {
-            let rule = client(&server.server)
+            let rule = client(&server)
                 .await?
                 .get_rule(GetRuleRequest { name })
                 .await
@@ -86,7 +89,7 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
             print_rule(&rule);
         }
         RulesCommand::Enable { name, server } => {
-            let rule = client(&server.server)
+            let rule = client(&server)
                 .await?
                 .enable_rule(EnableRuleRequest { name })
                 .await
@@ -95,7 +98,7 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
             print_rule(&rule);
         }
         RulesCommand::Disable { name, server } => {
-            let rule = client(&server.server)
+            let rule = client(&server)
                 .await?
                 .disable_rule(DisableRuleRequest { name })
                 .await
@@ -104,7 +107,7 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
             print_rule(&rule);
         }
         RulesCommand::Delete { name, server } => {
-            client(&server.server)
+            client(&server)
                 .await?
                 .delete_rule(DeleteRuleRequest { name: name.clone() })
                 .await
@@ -118,10 +121,40 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn client(server: &str) -> anyhow::Result<AdminClient<Channel>> {
-    AdminClient::connect(server.to_owned())
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone)]
+struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
+
+async fn client(server: &Server) -> anyhow::Result<Admin> {
+    let address = &server.server;
+    let channel = Channel::from_shared(address.clone())
+        .with_context(|| format!("--server {address} is not a URL"))?
+        .connect()
         .await
-        .with_context(|| format!("cannot reach the server's gRPC API at {server}"))
+        .with_context(|| format!("cannot reach the server's gRPC API at {address}"))?;
+    let token = server
+        .token
+        .as_deref()
+        .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
+        .transpose()
+        .context("--token holds characters a header cannot")?;
+    Ok(AdminClient::with_interceptor(channel, BearerToken(token)))
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {

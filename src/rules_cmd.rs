@@ -114,6 +114,10 @@ pub struct Server {
     /// The server's gRPC API.
     #[arg(long, env = "SLUICE_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
+    /// An admin API token (`sluice tokens create NAME --scope admin`); not
+    /// needed by a server started with `--allow-anonymous`.
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 pub fn run(command: RulesCommand, limits: &Limits) -> anyhow::Result<std::process::ExitCode> {

@@ -130,6 +130,31 @@ async fn tokens_decide_who_may_call_what() {
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("revoked"), "{}", e.message());
 
+    // The CLI's Admin calls carry --token.
+    let server = format!("http://127.0.0.1:{}", sluice.grpc_port);
+    let rules_list = |token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args(["rules", "list", "--server", &server]);
+        if let Some(token) = token {
+            cmd.args(["--token", token]);
+        }
+        cmd.output().expect("run sluice rules list")
+    };
+    let denied = rules_list(None);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let allowed = rules_list(Some(admin));
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&allowed.stdout).contains("telemetry"));
+
     let listed = tokens_cli(&sluice, &["list"]);
     assert!(
         listed.contains("dashboards") && listed.contains("ops"),
