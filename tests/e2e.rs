@@ -588,3 +588,65 @@ async fn mosquitto_pub_quick_start() {
     );
     sluice.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_tokens_are_bound_to_their_query_and_survive_a_restart() {
+    let mut sluice = Sluice::start(|_| {}).await;
+    let client = sluice.mqtt("publisher-pages").await;
+    for device in ["dev-a", "dev-b"] {
+        publish(
+            &client,
+            &format!("devices/{device}/telemetry"),
+            r#"{"x": 1, "y": 2, "z": 3, "ts": 1767225600000}"#,
+        )
+        .await;
+    }
+    sluice
+        .eventually("both devices' points", WAIT, || async {
+            let n = sluice.all_points("dev-a").await.len() + sluice.all_points("dev-b").await.len();
+            (n == 6).then_some(())
+        })
+        .await;
+    let page = |device: &str, token: &str| QueryPointsRequest {
+        device_id: device.into(),
+        limit: 1,
+        page_token: token.into(),
+        ..Default::default()
+    };
+    let mut t = sluice.telemetry().await;
+    let first = t
+        .query_points(page("dev-a", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let token = first.next_page_token;
+    assert!(!token.is_empty());
+    let second = t
+        .query_points(page("dev-a", &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(first.points, second.points);
+
+    // The token of dev-a's query is refused for dev-b's, and when edited.
+    let e = t.query_points(page("dev-b", &token)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("page_token"), "{}", e.message());
+    let mut edited = token.clone().into_bytes();
+    edited[2] = if edited[2] == b'A' { b'B' } else { b'A' };
+    let edited = String::from_utf8(edited).unwrap();
+    let e = t.query_points(page("dev-a", &edited)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // The key is the database's, so the token outlives the process.
+    sluice.terminate();
+    sluice.restart().await;
+    let mut t = sluice.telemetry().await;
+    let again = t
+        .query_points(page("dev-a", &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.points, second.points);
+    sluice.stop();
+}

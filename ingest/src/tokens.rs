@@ -188,6 +188,24 @@ pub async fn touch(pool: &PgPool, digest: &[u8; 32]) -> Result<(), sqlx::Error> 
     Ok(())
 }
 
+/// The server's secret key for `purpose`, made (256 random bits) by
+/// whichever server asks first.
+pub async fn server_key(pool: &PgPool, purpose: &str) -> Result<[u8; 32], sqlx::Error> {
+    sqlx::query("INSERT INTO server_keys (purpose, secret) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(purpose)
+        .bind(rand::random::<[u8; 32]>().as_slice())
+        .execute(pool)
+        .await?;
+    let (secret,): (Vec<u8>,) = sqlx::query_as("SELECT secret FROM server_keys WHERE purpose = $1")
+        .bind(purpose)
+        .fetch_one(pool)
+        .await?;
+    // The CHECK keeps it at least 32 bytes; the first 32 are the key.
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&secret[..32]);
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

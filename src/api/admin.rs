@@ -1,7 +1,7 @@
 //! `sluice.v1.Admin`: the device registry over gRPC, with the same naming,
 //! errors and paging as `Telemetry`.
 
-use super::page_token::{decode_after_name, encode_after_name};
+use super::page_token::{Kind, PageSigner, fingerprint};
 use super::telemetry::{checked_page_size, to_timestamp};
 use sluice_ingest::devices::{self, DeviceError};
 use sluice_proto::v1::admin_server::Admin;
@@ -20,22 +20,22 @@ use tracing::{error, info, instrument};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1_000;
-/// Device page tokens are the last id of the page, tagged so a telemetry token is refused.
-const TOKEN_TAG: &str = "dev:";
 
 pub struct AdminService {
     pool: PgPool,
     catalog: Arc<RuleCatalog>,
+    pages: PageSigner,
     /// Held by the calls that change rules: two concurrent deploys of one
     /// name must reach the database and the catalog in the same order.
     rule_changes: tokio::sync::Mutex<()>,
 }
 
 impl AdminService {
-    pub fn new(pool: PgPool, catalog: Arc<RuleCatalog>) -> Self {
+    pub fn new(pool: PgPool, catalog: Arc<RuleCatalog>, pages: PageSigner) -> Self {
         Self {
             pool,
             catalog,
+            pages,
             rule_changes: tokio::sync::Mutex::new(()),
         }
     }
@@ -66,13 +66,17 @@ impl Admin for AdminService {
     ) -> Result<Response<ListDevicesResponse>, Status> {
         let r = request.into_inner();
         let limit = checked_page_size(r.limit, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
-        let after = decode_after_name(&r.page_token, TOKEN_TAG, "ListDevices")?;
+        let query = fingerprint(&[r.id_prefix.as_bytes()]);
+        let after = self
+            .pages
+            .decode_after_name(Kind::Devices, &query, &r.page_token)?;
         let mut rows = devices::list_page(&self.pool, &r.id_prefix, after.as_deref(), limit + 1)
             .await
             .map_err(status)?;
         let next_page_token = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
-            encode_after_name(TOKEN_TAG, &rows.last().expect("limit ≥ 1").id)
+            let last = &rows.last().expect("limit ≥ 1").id;
+            self.pages.encode_after_name(Kind::Devices, &query, last)
         } else {
             String::new()
         };
@@ -147,7 +151,7 @@ impl Admin for AdminService {
     ) -> Result<Response<ListRulesResponse>, Status> {
         let r = request.into_inner();
         Ok(Response::new(
-            super::rules::list(&self.pool, &self.catalog, r).await?,
+            super::rules::list(&self.pool, &self.catalog, &self.pages, r).await?,
         ))
     }
 

@@ -36,6 +36,9 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let pages = page_token::PageSigner::new(
+        sluice_ingest::tokens::server_key(&pool, page_token::KEY_PURPOSE).await?,
+    );
     info!(addr = %listener.local_addr()?, "gRPC API listening");
     tonic::transport::Server::builder()
         .layer(auth::AuthLayer(Arc::new(auth)))
@@ -44,8 +47,11 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(TelemetryServer::new(telemetry::TelemetryService::new(
             pool.clone(),
+            pages.clone(),
         )))
-        .add_service(AdminServer::new(admin::AdminService::new(pool, catalog)))
+        .add_service(AdminServer::new(admin::AdminService::new(
+            pool, catalog, pages,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

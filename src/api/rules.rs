@@ -5,7 +5,7 @@
 //! serializes the changing calls, so the database and the catalog see them
 //! in the same order.
 
-use super::page_token::{decode_after_name, encode_after_name};
+use super::page_token::{Kind, PageSigner, fingerprint};
 use super::telemetry::{checked_page_size, to_timestamp};
 use sha2::Digest;
 use sluice_ingest::rules::{self as stored, NewRule, StoredRule};
@@ -24,7 +24,6 @@ use tracing::{error, info};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1_000;
-const TOKEN_TAG: &str = "rule:";
 /// Modules above this are refused before anything else happens.
 pub const MAX_MODULE_BYTES: usize = 32 << 20;
 
@@ -101,10 +100,12 @@ pub async fn deploy(
 pub async fn list(
     pool: &PgPool,
     catalog: &RuleCatalog,
+    pages: &PageSigner,
     r: ListRulesRequest,
 ) -> Result<ListRulesResponse, Status> {
     let limit = checked_page_size(r.limit, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)? as usize;
-    let after = decode_after_name(&r.page_token, TOKEN_TAG, "ListRules")?;
+    let query = fingerprint(&[r.name_prefix.as_bytes()]);
+    let after = pages.decode_after_name(Kind::Rules, &query, &r.page_token)?;
     let rows: Vec<StoredRule> = stored::list(pool).await.map_err(db_error)?;
     let mut infos: Vec<RuleInfo> = catalog
         .describe()
@@ -114,7 +115,7 @@ pub async fn list(
         .collect();
     let next_page_token = if infos.len() > limit {
         infos.truncate(limit);
-        encode_after_name(TOKEN_TAG, &infos.last().expect("limit ≥ 1").name)
+        pages.encode_after_name(Kind::Rules, &query, &infos.last().expect("limit ≥ 1").name)
     } else {
         String::new()
     };

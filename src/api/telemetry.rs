@@ -1,6 +1,6 @@
 //! `sluice.v1.Telemetry`: request validation and mapping to storage queries.
 
-use super::page_token::{Kind, PageToken};
+use super::page_token::{Kind, PageSigner, PageToken, fingerprint};
 use chrono::{DateTime, TimeZone, Utc};
 use sluice_ingest::query::{self, EventsQuery, PointsQuery};
 use sluice_proto::v1::telemetry_server::Telemetry;
@@ -19,12 +19,25 @@ pub const MAX_PAGE_SIZE: u32 = 10_000;
 
 pub struct TelemetryService {
     pool: PgPool,
+    pages: PageSigner,
 }
 
 impl TelemetryService {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, pages: PageSigner) -> Self {
+        Self { pool, pages }
     }
+}
+
+/// What identifies a time-ordered request's result set, for its page tokens.
+fn range_query(filters: &[&[u8]], start: DateTime<Utc>, end: DateTime<Utc>) -> Vec<u8> {
+    let (start, end) = (
+        start.timestamp_micros().to_be_bytes(),
+        end.timestamp_micros().to_be_bytes(),
+    );
+    let mut parts = filters.to_vec();
+    parts.push(&start);
+    parts.push(&end);
+    fingerprint(&parts)
 }
 
 #[tonic::async_trait]
@@ -40,10 +53,13 @@ impl Telemetry for TelemetryService {
         }
         let (start, end) = time_range(r.start.as_ref(), r.end.as_ref())?;
         let limit = page_size(r.limit)?;
-        let after = page_after(&r.page_token, Kind::Points)?
+        let query = range_query(&[r.device_id.as_bytes(), r.metric.as_bytes()], start, end);
+        let after = self
+            .pages
+            .decode(Kind::Points, &query, &r.page_token)?
             .map(|t| i32::try_from(t.key).map(|k| (t.time, k)))
             .transpose()
-            .map_err(|_| bad_token())?;
+            .map_err(|_| Status::invalid_argument("page_token holds no series id"))?;
         let q = PointsQuery {
             device_id: &r.device_id,
             metric: (!r.metric.is_empty()).then_some(r.metric.as_str()),
@@ -55,9 +71,10 @@ impl Telemetry for TelemetryService {
         let mut rows = query::query_points(&self.pool, &q)
             .await
             .map_err(db_error)?;
-        let next_page_token = next_token(&mut rows, limit, Kind::Points, |p| {
-            (p.time, i64::from(p.series_id))
-        });
+        let next_page_token =
+            next_token(&self.pages, &query, &mut rows, limit, Kind::Points, |p| {
+                (p.time, i64::from(p.series_id))
+            });
         let points = rows
             .into_iter()
             .map(|p| Point {
@@ -88,7 +105,15 @@ impl Telemetry for TelemetryService {
                 .map_err(|e| Status::invalid_argument(format!("topic_filter: {e}")))?;
             Some(query::topic_filter_regex(filter.as_str()))
         };
-        let after = page_after(&r.page_token, Kind::Events)?.map(|t| (t.time, t.key));
+        let query = range_query(
+            &[r.device_id.as_bytes(), r.topic_filter.as_bytes()],
+            start,
+            end,
+        );
+        let after = self
+            .pages
+            .decode(Kind::Events, &query, &r.page_token)?
+            .map(|t| (t.time, t.key));
         let q = EventsQuery {
             device_id: (!r.device_id.is_empty()).then_some(r.device_id.as_str()),
             topic_regex: topic_regex.as_deref(),
@@ -100,7 +125,10 @@ impl Telemetry for TelemetryService {
         let mut rows = query::query_events(&self.pool, &q)
             .await
             .map_err(db_error)?;
-        let next_page_token = next_token(&mut rows, limit, Kind::Events, |e| (e.time, e.id));
+        let next_page_token =
+            next_token(&self.pages, &query, &mut rows, limit, Kind::Events, |e| {
+                (e.time, e.id)
+            });
         let events = rows
             .into_iter()
             .map(|e| Event {
@@ -121,6 +149,8 @@ impl Telemetry for TelemetryService {
 /// Queries ask for one row more than the page; if it came, there is a next
 /// page and it starts after the page's last row.
 fn next_token<T>(
+    pages: &PageSigner,
+    query: &[u8],
     rows: &mut Vec<T>,
     limit: u32,
     kind: Kind,
@@ -131,20 +161,7 @@ fn next_token<T>(
     }
     rows.truncate(limit as usize);
     let (time, key) = key(rows.last().expect("limit is at least 1"));
-    PageToken { time, key }.encode(kind)
-}
-
-fn page_after(token: &str, kind: Kind) -> Result<Option<PageToken>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    PageToken::decode(token, kind)
-        .map(Some)
-        .ok_or_else(bad_token)
-}
-
-fn bad_token() -> Status {
-    Status::invalid_argument("page_token is not a token this server issued for this kind of query")
+    pages.encode(kind, query, &PageToken { time, key })
 }
 
 fn page_size(limit: u32) -> Result<u32, Status> {
