@@ -52,6 +52,53 @@ pub async fn query_points(
     .await
 }
 
+/// The last point of one series.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct LatestPoint {
+    pub device_id: String,
+    pub metric: String,
+    pub time: DateTime<Utc>,
+    pub value: f64,
+}
+
+pub struct LatestQuery<'a> {
+    /// These devices; when empty, every device whose id starts with
+    /// `device_prefix` (every device, for an empty prefix).
+    pub device_ids: &'a [String],
+    pub device_prefix: &'a str,
+    /// Empty: every metric.
+    pub metrics: &'a [String],
+    /// Resume strictly after this (device, metric).
+    pub after: Option<(&'a str, &'a str)>,
+    pub limit: u32,
+}
+
+/// The latest point of each matching series, ordered by device and metric.
+pub async fn latest_points(
+    pool: &PgPool,
+    q: &LatestQuery<'_>,
+) -> Result<Vec<LatestPoint>, sqlx::Error> {
+    let (after_device, after_metric) = q.after.unzip();
+    sqlx::query_as(
+        "SELECT s.device_id, s.metric, l.time, l.value \
+         FROM series s JOIN series_latest l ON l.series_id = s.id \
+         WHERE (cardinality($1::text[]) > 0 AND s.device_id = ANY($1) \
+                OR cardinality($1::text[]) = 0 AND starts_with(s.device_id, $2)) \
+           AND (cardinality($3::text[]) = 0 OR s.metric = ANY($3)) \
+           AND ($4::text IS NULL OR (s.device_id, s.metric) > ($4, $5::text)) \
+         ORDER BY s.device_id, s.metric \
+         LIMIT $6",
+    )
+    .bind(q.device_ids)
+    .bind(q.device_prefix)
+    .bind(q.metrics)
+    .bind(after_device)
+    .bind(after_metric)
+    .bind(i64::from(q.limit))
+    .fetch_all(pool)
+    .await
+}
+
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredEvent {
     /// With `time`, the page key.

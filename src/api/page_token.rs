@@ -31,6 +31,7 @@ pub enum Kind {
     Events = 2,
     Devices = 3,
     Rules = 4,
+    Latest = 5,
 }
 
 /// Where a time-ordered page ended: the last row's time and its

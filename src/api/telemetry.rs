@@ -2,10 +2,11 @@
 
 use super::page_token::{Kind, PageSigner, PageToken, fingerprint};
 use chrono::{DateTime, TimeZone, Utc};
-use sluice_ingest::query::{self, EventsQuery, PointsQuery};
+use sluice_ingest::query::{self, EventsQuery, LatestQuery, PointsQuery};
 use sluice_proto::v1::telemetry_server::Telemetry;
 use sluice_proto::v1::{
-    Event, Point, QueryEventsRequest, QueryEventsResponse, QueryPointsRequest, QueryPointsResponse,
+    Event, LatestPointsRequest, LatestPointsResponse, Point, QueryEventsRequest,
+    QueryEventsResponse, QueryPointsRequest, QueryPointsResponse,
 };
 use sluice_rules::TopicFilter;
 use sqlx::PgPool;
@@ -16,6 +17,11 @@ use tracing::{error, instrument};
 pub const DEFAULT_PAGE_SIZE: u32 = 1_000;
 /// Larger requests are refused, so one call cannot pull the whole table.
 pub const MAX_PAGE_SIZE: u32 = 10_000;
+/// `LatestPoints` pages: one page holds 1,000 devices × 10 metrics.
+pub const LATEST_PAGE_SIZE: u32 = 10_000;
+/// Ids and metric names one `LatestPoints` call may list.
+pub const MAX_LISTED_DEVICES: usize = 10_000;
+pub const MAX_LISTED_METRICS: usize = 1_000;
 
 pub struct TelemetryService {
     pool: PgPool,
@@ -144,6 +150,88 @@ impl Telemetry for TelemetryService {
             next_page_token,
         }))
     }
+
+    #[instrument(level = "debug", skip_all, fields(devices = request.get_ref().device_ids.len()))]
+    async fn latest_points(
+        &self,
+        request: Request<LatestPointsRequest>,
+    ) -> Result<Response<LatestPointsResponse>, Status> {
+        let r = request.into_inner();
+        if !r.device_ids.is_empty() && !r.device_id_prefix.is_empty() {
+            return Err(Status::invalid_argument(
+                "device_ids and device_id_prefix: set one of them, not both",
+            ));
+        }
+        check_names(&r.device_ids, "device_ids", MAX_LISTED_DEVICES)?;
+        check_names(&r.metrics, "metrics", MAX_LISTED_METRICS)?;
+        let limit = checked_page_size(r.limit, LATEST_PAGE_SIZE, LATEST_PAGE_SIZE)?;
+        let (n_ids, n_metrics) = (
+            (r.device_ids.len() as u64).to_be_bytes(),
+            (r.metrics.len() as u64).to_be_bytes(),
+        );
+        let mut parts: Vec<&[u8]> = vec![&n_ids, &n_metrics, r.device_id_prefix.as_bytes()];
+        parts.extend(r.device_ids.iter().map(|d| d.as_bytes()));
+        parts.extend(r.metrics.iter().map(|m| m.as_bytes()));
+        let query = fingerprint(&parts);
+        let after = self
+            .pages
+            .decode_after_name(Kind::Latest, &query, &r.page_token)?;
+        let after = after
+            .as_deref()
+            .map(|a| {
+                a.split_once('\0')
+                    .ok_or_else(|| Status::invalid_argument("page_token"))
+            })
+            .transpose()?;
+        let q = LatestQuery {
+            device_ids: &r.device_ids,
+            device_prefix: &r.device_id_prefix,
+            metrics: &r.metrics,
+            after,
+            limit: limit + 1,
+        };
+        let mut rows = query::latest_points(&self.pool, &q)
+            .await
+            .map_err(db_error)?;
+        let next_page_token = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            let last = rows.last().expect("limit is at least 1");
+            let position = format!("{}\0{}", last.device_id, last.metric);
+            self.pages
+                .encode_after_name(Kind::Latest, &query, &position)
+        } else {
+            String::new()
+        };
+        let points = rows
+            .into_iter()
+            .map(|p| Point {
+                device_id: p.device_id,
+                metric: p.metric,
+                time: Some(to_timestamp(p.time)),
+                value: p.value,
+            })
+            .collect();
+        Ok(Response::new(LatestPointsResponse {
+            points,
+            next_page_token,
+        }))
+    }
+}
+
+/// A list of ids or names in a request: bounded, and no empty entries.
+fn check_names(names: &[String], field: &str, max: usize) -> Result<(), Status> {
+    if names.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} lists {} entries; at most {max} per call",
+            names.len()
+        )));
+    }
+    if names.iter().any(|n| n.is_empty() || n.contains('\0')) {
+        return Err(Status::invalid_argument(format!(
+            "{field} holds an empty name or one with a NUL character"
+        )));
+    }
+    Ok(())
 }
 
 /// Queries ask for one row more than the page; if it came, there is a next

@@ -393,6 +393,49 @@ async fn write_points(
             .map(|(&id, p)| (id, p.time, p.value));
         rollup::upsert(conn, resolution, &rollup::aggregate(resolution, samples)).await?;
     }
+    upsert_latest(conn, &ids, points).await
+}
+
+/// Moves each series' latest point forward to the batch's last one, if that
+/// is not older. Of equal times the later-arriving point wins, here as in a
+/// replay of the same messages, so the result does not depend on batching.
+async fn upsert_latest(
+    conn: &mut PgConnection,
+    ids: &[i32],
+    points: &[PointRecord],
+) -> Result<(), sqlx::Error> {
+    let mut latest: foldhash::HashMap<i32, usize> = foldhash::HashMap::default();
+    for (i, &id) in ids.iter().enumerate() {
+        latest
+            .entry(id)
+            .and_modify(|j| {
+                if points[i].time >= points[*j].time {
+                    *j = i;
+                }
+            })
+            .or_insert(i);
+    }
+    let (mut series, mut time, mut value) = (
+        Vec::with_capacity(latest.len()),
+        Vec::with_capacity(latest.len()),
+        Vec::with_capacity(latest.len()),
+    );
+    for (id, i) in latest {
+        series.push(id);
+        time.push(points[i].time);
+        value.push(points[i].value);
+    }
+    sqlx::query(
+        "INSERT INTO series_latest AS l (series_id, time, value) \
+         SELECT * FROM unnest($1::int4[], $2::timestamptz[], $3::float8[]) \
+         ON CONFLICT (series_id) DO UPDATE SET time = EXCLUDED.time, value = EXCLUDED.value \
+         WHERE EXCLUDED.time >= l.time",
+    )
+    .bind(series)
+    .bind(time)
+    .bind(value)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

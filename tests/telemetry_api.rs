@@ -1,0 +1,140 @@
+//! `sluice.v1.Telemetry` beyond paging through one device: latest values.
+//! A real `sluice serve`, MQTT publishers and a gRPC client.
+
+mod support;
+
+use sluice_proto::v1::{LatestPointsRequest, Point};
+use std::time::Duration;
+use support::{Sluice, publish};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// (device, metric, seconds after `base`, value) of each point.
+fn brief(points: &[Point], base: i64) -> Vec<(String, String, i64, f64)> {
+    points
+        .iter()
+        .map(|p| {
+            let t = p.time.as_ref().expect("time");
+            (
+                p.device_id.clone(),
+                p.metric.clone(),
+                (t.seconds * 1000 + i64::from(t.nanos / 1_000_000) - base) / 1000,
+                p.value,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_points_are_the_newest_by_time_per_series() {
+    let sluice = Sluice::start(|_| {}).await;
+    let client = sluice.mqtt("publisher-latest").await;
+    // pump-1's `t`: 1 at +1000 ms, 3 at +3000, then a late 2 at +2000 that
+    // must not replace the newer value. Times are a minute ago plus these
+    // offsets (well inside retention).
+    let base = chrono::Utc::now().timestamp_millis() / 1000 * 1000 - 60_000;
+    let messages = [
+        ("pump-1", 1, r#""t": 1, "p": 10"#),
+        ("pump-1", 3, r#""t": 3"#),
+        ("pump-2", 1, r#""t": 7, "p": 70"#),
+        ("fan-1", 2, r#""t": 5, "rpm": 900"#),
+        ("pump-1", 2, r#""t": 2"#),
+    ];
+    for (device, seconds, fields) in messages {
+        let body = format!(r#"{{{fields}, "ts": {}}}"#, base + seconds * 1000);
+        publish(&client, &format!("devices/{device}/telemetry"), body).await;
+    }
+    sluice
+        .eventually("every point stored", WAIT, || async {
+            let n = sluice.all_points("pump-1").await.len()
+                + sluice.all_points("pump-2").await.len()
+                + sluice.all_points("fan-1").await.len();
+            (n == 8).then_some(())
+        })
+        .await;
+    let mut t = sluice.telemetry().await;
+    let latest = |r: LatestPointsRequest| {
+        let mut t = t.clone();
+        async move { t.latest_points(r).await.map(|r| r.into_inner()) }
+    };
+
+    let r = latest(LatestPointsRequest {
+        device_ids: vec!["pump-1".into(), "fan-1".into()],
+        metrics: vec!["t".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        brief(&r.points, base),
+        [
+            ("fan-1".into(), "t".into(), 2, 5.0),
+            ("pump-1".into(), "t".into(), 3, 3.0)
+        ]
+    );
+    assert!(r.next_page_token.is_empty());
+
+    let r = latest(LatestPointsRequest {
+        device_id_prefix: "pump-".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        brief(&r.points, base),
+        [
+            ("pump-1".into(), "p".into(), 1, 10.0),
+            ("pump-1".into(), "t".into(), 3, 3.0),
+            ("pump-2".into(), "p".into(), 1, 70.0),
+            ("pump-2".into(), "t".into(), 1, 7.0),
+        ]
+    );
+
+    // Every device, a point per page, walked with the page tokens.
+    let mut walked = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let r = latest(LatestPointsRequest {
+            limit: 1,
+            page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(r.points.len() <= 1);
+        walked.extend(brief(&r.points, base));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        page_token = r.next_page_token;
+    }
+    assert_eq!(walked.len(), 6, "{walked:?}");
+    assert!(
+        walked
+            .windows(2)
+            .all(|w| (&w[0].0, &w[0].1) < (&w[1].0, &w[1].1))
+    );
+
+    // Bad requests name their field.
+    let e = t
+        .latest_points(LatestPointsRequest {
+            device_ids: vec!["pump-1".into()],
+            device_id_prefix: "pump".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("device_id_prefix"), "{}", e.message());
+    let e = t
+        .latest_points(LatestPointsRequest {
+            metrics: vec![String::new()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("metrics"), "{}", e.message());
+    sluice.stop();
+}
