@@ -102,17 +102,27 @@ impl PageSigner {
         query: &[u8],
         token: &str,
     ) -> Result<Option<PageToken>, Status> {
+        self.decode_with(kind, query, token, |body| {
+            let micros = i64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+            let key = i64::from_be_bytes(body.get(8..)?.try_into().ok()?);
+            let time = Utc.timestamp_micros(micros).single()?;
+            Some(PageToken { time, key })
+        })
+    }
+
+    /// An empty token is no position; any other must open and `parse`.
+    fn decode_with<T>(
+        &self,
+        kind: Kind,
+        query: &[u8],
+        token: &str,
+        parse: impl FnOnce(Vec<u8>) -> Option<T>,
+    ) -> Result<Option<T>, Status> {
         if token.is_empty() {
             return Ok(None);
         }
         self.open(kind, query, token)
-            .filter(|body| body.len() == 16)
-            .and_then(|body| {
-                let micros = i64::from_be_bytes(body[..8].try_into().ok()?);
-                let key = i64::from_be_bytes(body[8..].try_into().ok()?);
-                let time = Utc.timestamp_micros(micros).single()?;
-                Some(PageToken { time, key })
-            })
+            .and_then(parse)
             .map(Some)
             .ok_or_else(bad_token)
     }
@@ -130,13 +140,7 @@ impl PageSigner {
         query: &[u8],
         token: &str,
     ) -> Result<Option<String>, Status> {
-        if token.is_empty() {
-            return Ok(None);
-        }
-        self.open(kind, query, token)
-            .and_then(|body| String::from_utf8(body).ok())
-            .map(Some)
-            .ok_or_else(bad_token)
+        self.decode_with(kind, query, token, |body| String::from_utf8(body).ok())
     }
 }
 
