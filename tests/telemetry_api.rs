@@ -138,3 +138,135 @@ async fn latest_points_are_the_newest_by_time_per_series() {
     assert!(e.message().contains("metrics"), "{}", e.message());
     sluice.stop();
 }
+
+/// Every page of a `QueryPoints` request, walked with its page tokens.
+async fn all_pages(sluice: &Sluice, request: sluice_proto::v1::QueryPointsRequest) -> Vec<Point> {
+    let mut t = sluice.telemetry().await;
+    let mut points = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let r = t
+            .query_points(sluice_proto::v1::QueryPointsRequest {
+                page_token,
+                ..request.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.points.len() <= request.limit.max(1) as usize || request.limit == 0);
+        points.extend(r.points);
+        if r.next_page_token.is_empty() {
+            return points;
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_points_across_devices_and_metrics_in_either_order() {
+    use sluice_proto::v1::{Order, QueryPointsRequest};
+    let sluice = Sluice::start(|_| {}).await;
+    let client = sluice.mqtt("publisher-query").await;
+    let base = chrono::Utc::now().timestamp_millis() / 1000 * 1000 - 60_000;
+    let messages = [
+        ("pump-1", 1, r#""t": 11, "p": 1"#),
+        ("pump-2", 1, r#""t": 21"#),
+        ("pump-1", 2, r#""t": 12, "p": 2"#),
+        ("fan-1", 2, r#""t": 31"#),
+        ("pump-2", 2, r#""t": 22"#),
+        ("pump-1", 3, r#""t": 13, "p": 3"#),
+        ("pump-2", 3, r#""t": 23"#),
+    ];
+    for (device, seconds, fields) in messages {
+        let body = format!(r#"{{{fields}, "ts": {}}}"#, base + seconds * 1000);
+        publish(&client, &format!("devices/{device}/telemetry"), body).await;
+    }
+    sluice
+        .eventually("every point stored", WAIT, || async {
+            let n = sluice.all_points("pump-1").await.len()
+                + sluice.all_points("pump-2").await.len()
+                + sluice.all_points("fan-1").await.len();
+            (n == 10).then_some(())
+        })
+        .await;
+
+    // Two devices, one metric, oldest first; then newest first.
+    let two = QueryPointsRequest {
+        device_id: "pump-1".into(),
+        device_ids: vec!["fan-1".into()],
+        metrics: vec!["t".into()],
+        limit: 1,
+        ..Default::default()
+    };
+    let ascending = brief(&all_pages(&sluice, two.clone()).await, base);
+    let values: Vec<f64> = ascending.iter().map(|p| p.3).collect();
+    assert_eq!(values.len(), 4, "{ascending:?}");
+    assert_eq!((values[0], values[3]), (11.0, 13.0));
+    assert!(
+        ascending.windows(2).all(|w| w[0].2 <= w[1].2),
+        "{ascending:?}"
+    );
+    let mut descending = brief(
+        &all_pages(
+            &sluice,
+            QueryPointsRequest {
+                order: Order::Descending as i32,
+                ..two
+            },
+        )
+        .await,
+        base,
+    );
+    descending.reverse();
+    assert_eq!(descending, ascending);
+
+    // A prefix, every metric, two per page: every pump point, in time order.
+    let pumps = brief(
+        &all_pages(
+            &sluice,
+            QueryPointsRequest {
+                device_id_prefix: "pump-".into(),
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await,
+        base,
+    );
+    assert_eq!(pumps.len(), 9, "{pumps:?}");
+    assert!(pumps.iter().all(|p| p.0.starts_with("pump-")));
+    assert!(pumps.windows(2).all(|w| w[0].2 <= w[1].2), "{pumps:?}");
+
+    // Bad requests name their field.
+    let mut t = sluice.telemetry().await;
+    for (request, field) in [
+        (
+            QueryPointsRequest {
+                device_id: "pump-1".into(),
+                device_id_prefix: "pump".into(),
+                ..Default::default()
+            },
+            "device_id_prefix",
+        ),
+        (
+            QueryPointsRequest {
+                device_id: "pump-1".into(),
+                order: 7,
+                ..Default::default()
+            },
+            "order",
+        ),
+        (
+            QueryPointsRequest {
+                device_ids: vec![String::new()],
+                ..Default::default()
+            },
+            "device_ids",
+        ),
+    ] {
+        let e = t.query_points(request).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+    sluice.stop();
+}

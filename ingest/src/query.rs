@@ -9,6 +9,7 @@ use sqlx::PgPool;
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredPoint {
+    pub device_id: String,
     pub metric: String,
     pub time: DateTime<Utc>,
     pub value: f64,
@@ -17,11 +18,17 @@ pub struct StoredPoint {
 }
 
 pub struct PointsQuery<'a> {
-    pub device_id: &'a str,
-    pub metric: Option<&'a str>,
+    /// These devices; when empty, every device whose id starts with
+    /// `device_prefix`.
+    pub device_ids: &'a [String],
+    pub device_prefix: &'a str,
+    /// Empty: every metric.
+    pub metrics: &'a [String],
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
-    /// Resume strictly after this (time, series id).
+    /// Newest first (and resume before `after`) instead of oldest first.
+    pub descending: bool,
+    /// Resume strictly after this (time, series id), in the query's order.
     pub after: Option<(DateTime<Utc>, i32)>,
     pub limit: u32,
 }
@@ -30,26 +37,38 @@ pub async fn query_points(
     pool: &PgPool,
     q: &PointsQuery<'_>,
 ) -> Result<Vec<StoredPoint>, sqlx::Error> {
-    let (after_time, after_series) = q.after.unzip();
-    sqlx::query_as(
-        "SELECT s.metric, p.time, p.value, p.series_id \
+    // Two fixed statements, one per direction: the direction decides the
+    // comparison and the sort, which cannot be bound parameters.
+    const ASCENDING: &str = "SELECT s.device_id, s.metric, p.time, p.value, p.series_id \
          FROM points p JOIN series s ON s.id = p.series_id \
-         WHERE s.device_id = $1 \
-           AND ($2::text IS NULL OR s.metric = $2) \
-           AND p.time >= $3 AND p.time < $4 \
-           AND ($5::timestamptz IS NULL OR (p.time, p.series_id) > ($5, $6::integer)) \
+         WHERE (cardinality($1::text[]) > 0 AND s.device_id = ANY($1) \
+                OR cardinality($1::text[]) = 0 AND starts_with(s.device_id, $2)) \
+           AND (cardinality($3::text[]) = 0 OR s.metric = ANY($3)) \
+           AND p.time >= $4 AND p.time < $5 \
+           AND ($6::timestamptz IS NULL OR (p.time, p.series_id) > ($6, $7::integer)) \
          ORDER BY p.time, p.series_id \
-         LIMIT $7",
-    )
-    .bind(q.device_id)
-    .bind(q.metric)
-    .bind(q.start)
-    .bind(q.end)
-    .bind(after_time)
-    .bind(after_series)
-    .bind(i64::from(q.limit))
-    .fetch_all(pool)
-    .await
+         LIMIT $8";
+    const DESCENDING: &str = "SELECT s.device_id, s.metric, p.time, p.value, p.series_id \
+         FROM points p JOIN series s ON s.id = p.series_id \
+         WHERE (cardinality($1::text[]) > 0 AND s.device_id = ANY($1) \
+                OR cardinality($1::text[]) = 0 AND starts_with(s.device_id, $2)) \
+           AND (cardinality($3::text[]) = 0 OR s.metric = ANY($3)) \
+           AND p.time >= $4 AND p.time < $5 \
+           AND ($6::timestamptz IS NULL OR (p.time, p.series_id) < ($6, $7::integer)) \
+         ORDER BY p.time DESC, p.series_id DESC \
+         LIMIT $8";
+    let (after_time, after_series) = q.after.unzip();
+    sqlx::query_as(if q.descending { DESCENDING } else { ASCENDING })
+        .bind(q.device_ids)
+        .bind(q.device_prefix)
+        .bind(q.metrics)
+        .bind(q.start)
+        .bind(q.end)
+        .bind(after_time)
+        .bind(after_series)
+        .bind(i64::from(q.limit))
+        .fetch_all(pool)
+        .await
 }
 
 /// The last point of one series.

@@ -5,7 +5,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use sluice_ingest::query::{self, EventsQuery, LatestQuery, PointsQuery};
 use sluice_proto::v1::telemetry_server::Telemetry;
 use sluice_proto::v1::{
-    Event, LatestPointsRequest, LatestPointsResponse, Point, QueryEventsRequest,
+    Event, LatestPointsRequest, LatestPointsResponse, Order, Point, QueryEventsRequest,
     QueryEventsResponse, QueryPointsRequest, QueryPointsResponse,
 };
 use sluice_rules::TopicFilter;
@@ -48,18 +48,46 @@ fn range_query(filters: &[&[u8]], start: DateTime<Utc>, end: DateTime<Utc>) -> V
 
 #[tonic::async_trait]
 impl Telemetry for TelemetryService {
-    #[instrument(level = "debug", skip_all, fields(device_id = %request.get_ref().device_id))]
+    #[instrument(level = "debug", skip_all, fields(
+        device_id = %request.get_ref().device_id,
+        devices = request.get_ref().device_ids.len(),
+    ))]
     async fn query_points(
         &self,
         request: Request<QueryPointsRequest>,
     ) -> Result<Response<QueryPointsResponse>, Status> {
         let r = request.into_inner();
-        if r.device_id.is_empty() {
-            return Err(Status::invalid_argument("device_id is required"));
+        let device_ids = with_single(&r.device_id, r.device_ids);
+        let metrics = with_single(&r.metric, r.metrics);
+        match (device_ids.is_empty(), r.device_id_prefix.is_empty()) {
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "device_id, device_ids or device_id_prefix is required",
+                ));
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "device_id_prefix cannot be combined with device_id or device_ids",
+                ));
+            }
+            _ => {}
         }
+        check_names(&device_ids, "device_ids", MAX_LISTED_DEVICES)?;
+        check_names(&metrics, "metrics", MAX_LISTED_METRICS)?;
+        let descending = match Order::try_from(r.order) {
+            Ok(Order::Ascending) => false,
+            Ok(Order::Descending) => true,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "order {} is neither ORDER_ASCENDING nor ORDER_DESCENDING",
+                    r.order
+                )));
+            }
+        };
         let (start, end) = time_range(r.start.as_ref(), r.end.as_ref())?;
         let limit = page_size(r.limit)?;
-        let query = range_query(&[r.device_id.as_bytes(), r.metric.as_bytes()], start, end);
+        let selection = selection_fingerprint(&device_ids, &r.device_id_prefix, &metrics);
+        let query = range_query(&[&selection, &[u8::from(descending)]], start, end);
         let after = self
             .pages
             .decode(Kind::Points, &query, &r.page_token)?
@@ -67,10 +95,12 @@ impl Telemetry for TelemetryService {
             .transpose()
             .map_err(|_| Status::invalid_argument("page_token holds no series id"))?;
         let q = PointsQuery {
-            device_id: &r.device_id,
-            metric: (!r.metric.is_empty()).then_some(r.metric.as_str()),
+            device_ids: &device_ids,
+            device_prefix: &r.device_id_prefix,
+            metrics: &metrics,
             start,
             end,
+            descending,
             after,
             limit: limit + 1,
         };
@@ -84,7 +114,7 @@ impl Telemetry for TelemetryService {
         let points = rows
             .into_iter()
             .map(|p| Point {
-                device_id: r.device_id.clone(),
+                device_id: p.device_id,
                 metric: p.metric,
                 time: Some(to_timestamp(p.time)),
                 value: p.value,
@@ -165,14 +195,7 @@ impl Telemetry for TelemetryService {
         check_names(&r.device_ids, "device_ids", MAX_LISTED_DEVICES)?;
         check_names(&r.metrics, "metrics", MAX_LISTED_METRICS)?;
         let limit = checked_page_size(r.limit, LATEST_PAGE_SIZE, LATEST_PAGE_SIZE)?;
-        let (n_ids, n_metrics) = (
-            (r.device_ids.len() as u64).to_be_bytes(),
-            (r.metrics.len() as u64).to_be_bytes(),
-        );
-        let mut parts: Vec<&[u8]> = vec![&n_ids, &n_metrics, r.device_id_prefix.as_bytes()];
-        parts.extend(r.device_ids.iter().map(|d| d.as_bytes()));
-        parts.extend(r.metrics.iter().map(|m| m.as_bytes()));
-        let query = fingerprint(&parts);
+        let query = selection_fingerprint(&r.device_ids, &r.device_id_prefix, &r.metrics);
         let after = self
             .pages
             .decode_after_name(Kind::Latest, &query, &r.page_token)?;
@@ -216,6 +239,27 @@ impl Telemetry for TelemetryService {
             next_page_token,
         }))
     }
+}
+
+/// A request's single field (`device_id`, `metric`) joined to its list
+/// twin, without repeating it.
+fn with_single(single: &str, mut list: Vec<String>) -> Vec<String> {
+    if !single.is_empty() && !list.iter().any(|x| x == single) {
+        list.insert(0, single.to_owned());
+    }
+    list
+}
+
+/// Which series a request selects, as page-token input.
+fn selection_fingerprint(device_ids: &[String], prefix: &str, metrics: &[String]) -> Vec<u8> {
+    let (n_ids, n_metrics) = (
+        (device_ids.len() as u64).to_be_bytes(),
+        (metrics.len() as u64).to_be_bytes(),
+    );
+    let mut parts: Vec<&[u8]> = vec![&n_ids, &n_metrics, prefix.as_bytes()];
+    parts.extend(device_ids.iter().map(|d| d.as_bytes()));
+    parts.extend(metrics.iter().map(|m| m.as_bytes()));
+    fingerprint(&parts)
 }
 
 /// A list of ids or names in a request: bounded, and no empty entries.
