@@ -26,10 +26,34 @@ fn brief(points: &[Point], base: i64) -> Vec<(String, String, i64, f64)> {
         .collect()
 }
 
+/// Publishes `(device, seconds after base, JSON fields)` as telemetry stamped
+/// `base + seconds`, in order from one client, and waits until the devices
+/// pump-1, pump-2 and fan-1 hold `points` points in all.
+async fn publish_at(
+    sluice: &Sluice,
+    client_id: &str,
+    base: i64,
+    messages: &[(&str, i64, &str)],
+    points: usize,
+) {
+    let client = sluice.mqtt(client_id).await;
+    for (device, seconds, fields) in messages {
+        let body = format!(r#"{{{fields}, "ts": {}}}"#, base + seconds * 1000);
+        publish(&client, &format!("devices/{device}/telemetry"), body).await;
+    }
+    sluice
+        .eventually("every point stored", WAIT, || async {
+            let n = sluice.all_points("pump-1").await.len()
+                + sluice.all_points("pump-2").await.len()
+                + sluice.all_points("fan-1").await.len();
+            (n == points).then_some(())
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_points_are_the_newest_by_time_per_series() {
     let sluice = Sluice::start(|_| {}).await;
-    let client = sluice.mqtt("publisher-latest").await;
     // pump-1's `t`: 1 at +1000 ms, 3 at +3000, then a late 2 at +2000 that
     // must not replace the newer value. Times are a minute ago plus these
     // offsets (well inside retention).
@@ -41,18 +65,7 @@ async fn latest_points_are_the_newest_by_time_per_series() {
         ("fan-1", 2, r#""t": 5, "rpm": 900"#),
         ("pump-1", 2, r#""t": 2"#),
     ];
-    for (device, seconds, fields) in messages {
-        let body = format!(r#"{{{fields}, "ts": {}}}"#, base + seconds * 1000);
-        publish(&client, &format!("devices/{device}/telemetry"), body).await;
-    }
-    sluice
-        .eventually("every point stored", WAIT, || async {
-            let n = sluice.all_points("pump-1").await.len()
-                + sluice.all_points("pump-2").await.len()
-                + sluice.all_points("fan-1").await.len();
-            (n == 8).then_some(())
-        })
-        .await;
+    publish_at(&sluice, "publisher", base, &messages, 8).await;
     let mut t = sluice.telemetry().await;
     let latest = |r: LatestPointsRequest| {
         let mut t = t.clone();
@@ -166,7 +179,6 @@ async fn all_pages(sluice: &Sluice, request: sluice_proto::v1::QueryPointsReques
 async fn query_points_across_devices_and_metrics_in_either_order() {
     use sluice_proto::v1::{Order, QueryPointsRequest};
     let sluice = Sluice::start(|_| {}).await;
-    let client = sluice.mqtt("publisher-query").await;
     let base = chrono::Utc::now().timestamp_millis() / 1000 * 1000 - 60_000;
     let messages = [
         ("pump-1", 1, r#""t": 11, "p": 1"#),
@@ -177,18 +189,7 @@ async fn query_points_across_devices_and_metrics_in_either_order() {
         ("pump-1", 3, r#""t": 13, "p": 3"#),
         ("pump-2", 3, r#""t": 23"#),
     ];
-    for (device, seconds, fields) in messages {
-        let body = format!(r#"{{{fields}, "ts": {}}}"#, base + seconds * 1000);
-        publish(&client, &format!("devices/{device}/telemetry"), body).await;
-    }
-    sluice
-        .eventually("every point stored", WAIT, || async {
-            let n = sluice.all_points("pump-1").await.len()
-                + sluice.all_points("pump-2").await.len()
-                + sluice.all_points("fan-1").await.len();
-            (n == 10).then_some(())
-        })
-        .await;
+    publish_at(&sluice, "publisher", base, &messages, 10).await;
 
     // Two devices, one metric, oldest first; then newest first.
     let two = QueryPointsRequest {

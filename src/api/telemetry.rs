@@ -113,12 +113,7 @@ impl Telemetry for TelemetryService {
             });
         let points = rows
             .into_iter()
-            .map(|p| Point {
-                device_id: p.device_id,
-                metric: p.metric,
-                time: Some(to_timestamp(p.time)),
-                value: p.value,
-            })
+            .map(|p| point(p.device_id, p.metric, p.time, p.value))
             .collect();
         Ok(Response::new(QueryPointsResponse {
             points,
@@ -227,17 +222,21 @@ impl Telemetry for TelemetryService {
         };
         let points = rows
             .into_iter()
-            .map(|p| Point {
-                device_id: p.device_id,
-                metric: p.metric,
-                time: Some(to_timestamp(p.time)),
-                value: p.value,
-            })
+            .map(|p| point(p.device_id, p.metric, p.time, p.value))
             .collect();
         Ok(Response::new(LatestPointsResponse {
             points,
             next_page_token,
         }))
+    }
+}
+
+fn point(device_id: String, metric: String, time: DateTime<Utc>, value: f64) -> Point {
+    Point {
+        device_id,
+        metric,
+        time: Some(to_timestamp(time)),
+        value,
     }
 }
 
