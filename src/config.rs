@@ -55,12 +55,33 @@ impl Default for Config {
 }
 
 /// The gRPC API.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Serve calls without an API token (development only; `--allow-anonymous`
     /// turns this on together with anonymous MQTT).
     pub allow_anonymous: bool,
+    /// Refuse (RESOURCE_EXHAUSTED) a query that would read more rows than
+    /// this, as PostgreSQL's planner estimates it.
+    pub max_scan_rows: u64,
+    /// Live `Subscribe` streams open at once; more are refused.
+    pub max_subscribers: usize,
+    /// Serve gRPC over TLS with this certificate and key (and, with
+    /// `client_ca_file`, accept client certificates signed by that CA).
+    pub tls: Option<sluice_broker::transport::TlsConfig>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        // 10M rows is about ten seconds of StreamPoints (BENCHMARKS.md):
+        // past that, aggregates are the better tool.
+        Self {
+            allow_anonymous: false,
+            max_scan_rows: 10_000_000,
+            max_subscribers: 1_000,
+            tls: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -62,6 +62,7 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         sink,
         handle: mut writer,
         stored: already_stored,
+        live,
     } = sluice_ingest::start_writer(
         pool.clone(),
         config.ingest.clone(),
@@ -136,12 +137,17 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let auth = api::Authenticator::new(pool.clone(), config.api.allow_anonymous);
+    let api_context = api::ApiContext {
+        catalog,
+        auth: api::Authenticator::new(pool.clone(), config.api.allow_anonymous),
+        live,
+        writer: config.ingest.clone(),
+        config: config.api.clone(),
+    };
     let mut grpc = tokio::spawn(api::serve(
         grpc_listener,
         pool.clone(),
-        catalog,
-        auth,
+        api_context,
         async {
             let _ = grpc_stop_rx.await;
         },

@@ -12,6 +12,7 @@
 
 pub mod compaction;
 pub mod devices;
+pub mod live;
 pub mod managed;
 pub mod partitions;
 pub mod pgcopy;

@@ -4,6 +4,7 @@
 
 mod admin;
 mod auth;
+mod cancel;
 mod page_token;
 mod rules;
 mod telemetry;
@@ -11,6 +12,11 @@ mod telemetry;
 pub use auth::Authenticator;
 pub use rules::deployed_rule;
 
+use crate::config::ApiConfig;
+use anyhow::Context;
+use sluice_broker::transport::TlsConfig;
+use sluice_ingest::WriterConfig;
+use sluice_ingest::live::LiveFeed;
 use sluice_proto::v1::admin_server::AdminServer;
 use sluice_proto::v1::telemetry_server::TelemetryServer;
 use sluice_rules::RuleCatalog;
@@ -19,13 +25,24 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::info;
+
+/// What the API serves besides the database.
+pub struct ApiContext {
+    pub catalog: Arc<RuleCatalog>,
+    pub auth: Authenticator,
+    /// The writer's feed of committed batches, for `Subscribe`.
+    pub live: LiveFeed,
+    /// The writer's settings (which rollups exist).
+    pub writer: WriterConfig,
+    pub config: ApiConfig,
+}
 
 pub async fn serve(
     listener: TcpListener,
     pool: PgPool,
-    catalog: Arc<RuleCatalog>,
-    auth: Authenticator,
+    cx: ApiContext,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -39,22 +56,54 @@ pub async fn serve(
     let pages = page_token::PageSigner::new(
         sluice_ingest::tokens::server_key(&pool, page_token::KEY_PURPOSE).await?,
     );
-    info!(addr = %listener.local_addr()?, "gRPC API listening");
-    tonic::transport::Server::builder()
-        .layer(auth::AuthLayer(Arc::new(auth)))
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &cx.config.tls {
+        server = server
+            .tls_config(tls_config(tls)?)
+            .context("gRPC TLS settings")?;
+    }
+    info!(addr = %listener.local_addr()?, tls = cx.config.tls.is_some(), "gRPC API listening");
+    let limits = telemetry::Limits {
+        max_scan_rows: cx.config.max_scan_rows,
+        max_subscribers: cx.config.max_subscribers,
+    };
+    server
+        .layer(auth::AuthLayer(Arc::new(cx.auth)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(TelemetryServer::new(telemetry::TelemetryService::new(
             pool.clone(),
             pages.clone(),
+            limits,
+            cx.live,
+            cx.writer,
         )))
         .add_service(AdminServer::new(admin::AdminService::new(
-            pool, catalog, pages,
+            pool, cx.catalog, pages,
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// The listener's certificate and key, and the CA whose client
+/// certificates it accepts (optional: clients authenticate with tokens).
+fn tls_config(tls: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("api.tls.{what} {}", path.display()))
+    };
+    let identity = Identity::from_pem(
+        read("cert_file", &tls.cert_file)?,
+        read("key_file", &tls.key_file)?,
+    );
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config
+            .client_ca_root(Certificate::from_pem(read("client_ca_file", ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
 }
 
 /// Reflection over every service this server offers; built once per protocol version.

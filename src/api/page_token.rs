@@ -32,6 +32,9 @@ pub enum Kind {
     Devices = 3,
     Rules = 4,
     Latest = 5,
+    Metrics = 6,
+    Aggregates = 7,
+    DevicesWithData = 8,
 }
 
 /// Where a time-ordered page ended: the last row's time and its

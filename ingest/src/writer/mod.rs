@@ -28,6 +28,7 @@ mod series;
 pub use progress::{StoredProgress, shard_of};
 pub use series::create_series;
 
+use crate::live::LiveFeed;
 use crate::partitions::{PartitionConfig, Partitions};
 use crate::record::Record;
 use metrics::{counter, histogram};
@@ -60,6 +61,9 @@ pub struct WriterConfig {
     /// Time partitions of points, events and rollups, their retention and
     /// compaction.
     pub partitions: PartitionConfig,
+    /// Committed batches the live feed keeps for slow API subscribers;
+    /// one further behind and a subscriber is told what it missed.
+    pub live_feed_batches: usize,
 }
 
 impl Default for WriterConfig {
@@ -77,6 +81,7 @@ impl Default for WriterConfig {
             writers: 2,
             rollups: true,
             partitions: PartitionConfig::default(),
+            live_feed_batches: 32,
         }
     }
 }
@@ -173,6 +178,8 @@ pub struct Writer {
     /// messages up to [`StoredProgress::stored_everywhere`] and hands the
     /// window above it over one message at a time.
     pub stored: StoredProgress,
+    /// What each committed batch stored, for live subscribers.
+    pub live: LiveFeed,
 }
 
 /// Starts a writer that records its progress through the spool `spool_id`
@@ -184,6 +191,7 @@ pub async fn start_writer(
     spool_id: &str,
 ) -> Result<Writer, sqlx::Error> {
     let (stored, shards) = progress::load(&pool, spool_id, config.writers.max(1)).await?;
+    let live = LiveFeed::new(config.live_feed_batches);
     let (sink, handle) = spawn(
         pool,
         config,
@@ -191,11 +199,13 @@ pub async fn start_writer(
         on_stored,
         Some(spool_id),
         stored.clone(),
+        live.clone(),
     );
     Ok(Writer {
         sink,
         handle,
         stored,
+        live,
     })
 }
 
@@ -206,6 +216,7 @@ pub fn spawn_writer(
     on_stored: Option<OnStored>,
 ) -> (Sink, JoinHandle<()>) {
     let shards = config.writers.max(1);
+    let live = LiveFeed::new(config.live_feed_batches);
     spawn(
         pool,
         config,
@@ -213,6 +224,7 @@ pub fn spawn_writer(
         on_stored,
         None,
         StoredProgress::default(),
+        live,
     )
 }
 
@@ -223,6 +235,7 @@ fn spawn(
     on_stored: Option<OnStored>,
     spool_id: Option<&str>,
     stored: StoredProgress,
+    live: LiveFeed,
 ) -> (Sink, JoinHandle<()>) {
     let partitions = Arc::new(Mutex::new(Partitions::new(config.partitions.clone())));
     let reports = Arc::new(Reports {
@@ -243,6 +256,7 @@ fn spawn(
             partitions: partitions.clone(),
             spool_id: spool_id.clone(),
             reports: reports.clone(),
+            live: live.clone(),
         };
         tasks.push(tokio::spawn(shard.run(rx)));
     }
@@ -332,6 +346,7 @@ struct Shard {
     partitions: Arc<Mutex<Partitions>>,
     spool_id: Option<Arc<str>>,
     reports: Arc<Reports>,
+    live: LiveFeed,
 }
 
 /// A shard's position: the last mark received, and the last recorded with
@@ -462,6 +477,7 @@ impl Shard {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "batch flushed"
                     );
+                    self.publish_live(batch, &written);
                     batch.clear();
                     marks.recorded = progress.map(|p| p.mark).or(marks.recorded);
                     return;
@@ -477,6 +493,25 @@ impl Shard {
                 }
             }
         }
+    }
+}
+
+impl Shard {
+    /// Hands a committed batch's points and events to live subscribers,
+    /// moving them out of the batch (which is cleared next anyway).
+    fn publish_live(&self, batch: &mut batch::Batch, written: &batch::Written) {
+        if !self.live.has_subscribers() {
+            return;
+        }
+        if written.refused_points + written.refused_events > 0 {
+            self.live
+                .skip((batch.points.len() + batch.events.len()) as u64);
+            return;
+        }
+        self.live.publish(
+            std::mem::take(&mut batch.points),
+            std::mem::take(&mut batch.events),
+        );
     }
 }
 
