@@ -56,6 +56,13 @@ pub async fn serve(
     let pages = page_token::PageSigner::new(
         sluice_ingest::tokens::server_key(&pool, page_token::KEY_PURPOSE).await?,
     );
+    // Streams watch this to end when the server stops; tonic's graceful
+    // shutdown waits for every open call, and a subscription never ends.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &cx.config.tls {
         server = server
@@ -78,6 +85,7 @@ pub async fn serve(
             limits,
             cx.live,
             cx.writer,
+            stopping,
         )))
         .add_service(AdminServer::new(admin::AdminService::new(
             pool, cx.catalog, pages,

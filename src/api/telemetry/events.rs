@@ -14,7 +14,6 @@ use sluice_rules::TopicFilter;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use tracing::Instrument;
 
 /// Events per streamed message.
 const STREAM_CHUNK: usize = 500;
@@ -140,6 +139,7 @@ impl TelemetryService {
             "narrow the range, name the devices, or set a limit",
         )?;
         let (tx, rx) = mpsc::channel(2);
+        let stop_tx = tx.clone();
         let producer = async move {
             {
                 let mut rows = query::stream_events(conn.busy(), &q);
@@ -166,7 +166,7 @@ impl TelemetryService {
             }
             conn.idle();
         };
-        tokio::spawn(producer.in_current_span());
+        super::spawn_stream(&self.stopping, &stop_tx, producer);
         Ok(ReceiverStream::new(rx))
     }
 }

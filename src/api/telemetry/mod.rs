@@ -24,10 +24,10 @@ use sluice_proto::v1::{
 };
 use sqlx::PgPool;
 use std::sync::Arc;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{Instrument, instrument};
 
 /// Bounds on what one call may cost.
 #[derive(Debug, Clone)]
@@ -45,6 +45,10 @@ pub struct TelemetryService {
     subscribers: Arc<Semaphore>,
     /// Which rollups the writer keeps, for `AggregatePoints`.
     writer: WriterConfig,
+    /// Turns true when the server shuts down: streams end then, rather
+    /// than hold the graceful shutdown open (a subscription never ends on
+    /// its own).
+    stopping: watch::Receiver<bool>,
 }
 
 impl TelemetryService {
@@ -54,8 +58,10 @@ impl TelemetryService {
         limits: Limits,
         live: LiveFeed,
         writer: WriterConfig,
+        stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
+            stopping,
             pool,
             pages,
             subscribers: Arc::new(Semaphore::new(limits.max_subscribers)),
@@ -64,6 +70,28 @@ impl TelemetryService {
             writer,
         }
     }
+}
+
+/// Runs a stream's producer until it finishes or the server shuts down;
+/// then the client is told to come back (UNAVAILABLE), when its queue has
+/// room for that.
+fn spawn_stream<T: Send + 'static>(
+    stopping: &watch::Receiver<bool>,
+    tx: &mpsc::Sender<Result<T, Status>>,
+    producer: impl Future<Output = ()> + Send + 'static,
+) {
+    let (mut stopping, tx) = (stopping.clone(), tx.clone());
+    let run = async move {
+        tokio::select! {
+            () = producer => {}
+            _ = stopping.wait_for(|stop| *stop) => {
+                let _ = tx.try_send(Err(Status::unavailable(
+                    "the server is shutting down; start a new call to resume",
+                )));
+            }
+        }
+    };
+    tokio::spawn(run.in_current_span());
 }
 
 #[tonic::async_trait]

@@ -17,7 +17,6 @@ use sluice_proto::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use tracing::Instrument;
 
 /// `LatestPoints` pages: one page holds 1,000 devices × 10 metrics.
 pub const LATEST_PAGE_SIZE: u32 = 10_000;
@@ -176,6 +175,7 @@ impl TelemetryService {
             "narrow the range, select fewer series, set a limit, or use AggregatePoints",
         )?;
         let (tx, rx) = mpsc::channel(STREAM_AHEAD);
+        let stop_tx = tx.clone();
         let producer = async move {
             {
                 let mut rows =
@@ -210,7 +210,7 @@ impl TelemetryService {
             }
             conn.idle();
         };
-        tokio::spawn(producer.in_current_span());
+        super::spawn_stream(&self.stopping, &stop_tx, producer);
         Ok(ReceiverStream::new(rx))
     }
 

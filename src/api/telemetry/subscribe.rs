@@ -19,7 +19,7 @@ use std::collections::HashSet;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use tracing::{Instrument, debug};
+use tracing::debug;
 
 /// Responses a subscriber may have waiting for the client.
 const SUBSCRIBER_QUEUE: usize = 16;
@@ -130,6 +130,7 @@ impl TelemetryService {
         })?;
         let mut feed = LiveReceiver::new(&self.live);
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        let stop_tx = tx.clone();
         let follow = async move {
             let _permit = permit;
             gauge!("sluice_api_subscribers").increment(1.0);
@@ -150,7 +151,7 @@ impl TelemetryService {
             }
             gauge!("sluice_api_subscribers").decrement(1.0);
         };
-        tokio::spawn(follow.in_current_span());
+        super::spawn_stream(&self.stopping, &stop_tx, follow);
         Ok(ReceiverStream::new(rx))
     }
 }
