@@ -167,3 +167,48 @@ async fn tokens_decide_who_may_call_what() {
         "tokens leaked into the log"
     );
 }
+
+/// With `api.tls` set, the API speaks only TLS, and tokens work over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_tls_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_file, key_file) = (dir.path().join("api.pem"), dir.path().join("api.key"));
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
+    let options = Options {
+        env: vec![
+            (
+                "SLUICE_API__TLS__CERT_FILE".into(),
+                cert_file.display().to_string(),
+            ),
+            (
+                "SLUICE_API__TLS__KEY_FILE".into(),
+                key_file.display().to_string(),
+            ),
+        ],
+        grpc_tls_ca_pem: Some(cert.cert.pem()),
+        ..Options::api_tokens()
+    };
+    // The harness waits for the health check over TLS.
+    let sluice = Sluice::start_with(options, |_| {}).await;
+    let read = tokens_cli(&sluice, &["create", "tls-reader", "--scope", "read"]);
+    let channel = sluice.grpc_channel().await.unwrap();
+    assert_eq!(
+        query(&channel, None).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    query(&channel, Some(read.trim())).await.unwrap();
+
+    // Plain HTTP/2 gets nowhere.
+    let plain = Channel::from_shared(format!("http://127.0.0.1:{}", sluice.grpc_port))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(plain) = plain {
+        // The TLS listener answers with a TLS alert, which h2 reports as
+        // a protocol error: any error will do, an answer would not.
+        assert!(query(&plain, Some(read.trim())).await.is_err());
+    }
+    sluice.stop();
+}

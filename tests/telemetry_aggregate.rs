@@ -43,7 +43,8 @@ fn expected(
     end: DateTime<Utc>,
     width_s: i64,
 ) -> Vec<(DateTime<Utc>, Vec<f64>)> {
-    let mut out: Vec<(DateTime<Utc>, Vec<(DateTime<Utc>, f64)>)> = Vec::new();
+    type Members = Vec<(DateTime<Utc>, f64)>;
+    let mut out: Vec<(DateTime<Utc>, Members)> = Vec::new();
     for &(t, v) in points.iter().filter(|(t, _)| *t >= start && *t < end) {
         let aligned = Utc
             .timestamp_opt(t.timestamp().div_euclid(width_s) * width_s, 0)

@@ -23,6 +23,9 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Written to `sluice.toml` in Sluice's working directory.
     pub config_toml: Option<String>,
+    /// The gRPC API serves TLS with a certificate for `localhost` signed
+    /// by this CA (PEM): the harness connects over TLS.
+    pub grpc_tls_ca_pem: Option<String>,
 }
 
 impl Options {
@@ -54,6 +57,7 @@ impl Default for Options {
             api_anonymous: true,
             env: Vec::new(),
             config_toml: None,
+            grpc_tls_ca_pem: None,
         }
     }
 }
@@ -206,12 +210,7 @@ impl Sluice {
             if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
                 return Err(self.log());
             }
-            if let Ok(channel) =
-                Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port))
-                    .unwrap()
-                    .connect()
-                    .await
-            {
+            if let Ok(channel) = self.grpc_channel().await {
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
                 let req = tonic_health::pb::HealthCheckRequest {
                     service: "sluice.v1.Telemetry".into(),
@@ -238,9 +237,29 @@ impl Sluice {
     }
 
     pub async fn telemetry(&self) -> TelemetryClient<Channel> {
-        TelemetryClient::connect(format!("http://127.0.0.1:{}", self.grpc_port))
-            .await
-            .unwrap()
+        TelemetryClient::new(self.grpc_channel().await.unwrap())
+    }
+
+    /// A channel to the gRPC API: plain, or TLS trusting the test's CA.
+    pub async fn grpc_channel(&self) -> Result<Channel, tonic::transport::Error> {
+        match &self.options.grpc_tls_ca_pem {
+            None => {
+                Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port))
+                    .unwrap()
+                    .connect()
+                    .await
+            }
+            Some(ca) => {
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                    .domain_name("localhost");
+                Channel::from_shared(format!("https://127.0.0.1:{}", self.grpc_port))
+                    .unwrap()
+                    .tls_config(tls)?
+                    .connect()
+                    .await
+            }
+        }
     }
 
     /// Registers a device; returns its secret.
