@@ -30,7 +30,12 @@ fn python_grpc_available() -> Result<(), String> {
         .output()
     {
         Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        // The traceback's last line, e.g. "ModuleNotFoundError: …".
+        Ok(out) => Err(String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string()),
         Err(e) => Err(format!("cannot run python3: {e}")),
     }
 }
