@@ -42,6 +42,16 @@ async fn stream_all(sluice: &Sluice, r: QueryPointsRequest) -> Result<Vec<Point>
     Ok(points)
 }
 
+/// `sluice_api_queries_cancelled_total`, 0 before the first.
+async fn cancelled(sluice: &Sluice) -> f64 {
+    sluice
+        .metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_api_queries_cancelled_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// Queries of the API's stream that are running in PostgreSQL now.
 async fn running_streams(sluice: &Sluice) -> i64 {
     sqlx::query_scalar(
@@ -205,12 +215,37 @@ async fn streams_filters_and_lists() {
             || async { (running_streams(&sluice).await == 0).then_some(()) },
         )
         .await;
+    let cancelled_before = cancelled(&sluice).await;
+    assert!(cancelled_before >= 1.0);
+
+    // A unary call past its deadline is cut off, and so is its query:
+    // aggregating 250,000 raw points into 1-second buckets takes PostgreSQL
+    // far longer than the 20 ms this call allows.
+    let mut slow = tonic::Request::new(sluice_proto::v1::AggregatePointsRequest {
+        device_ids: vec!["big-1".into()],
+        metrics: vec!["v".into()],
+        start: Some(ts(t0)),
+        end: Some(ts(t0 + chrono::Duration::seconds(250))),
+        bucket: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        aggregates: vec![sluice_proto::v1::Aggregate::First as i32],
+        ..Default::default()
+    });
+    slow.set_timeout(Duration::from_millis(20));
+    let e = api.aggregate_points(slow).await.unwrap_err();
     assert!(
-        sluice
-            .metrics()
-            .await
-            .contains("sluice_api_queries_cancelled_total")
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e}"
     );
+    sluice
+        .eventually(
+            "the query of the late call cancelled",
+            Duration::from_secs(10),
+            || async { (cancelled(&sluice).await > cancelled_before).then_some(()) },
+        )
+        .await;
 
     // Events: several devices, a topic filter, JSON containment.
     let events = |r: QueryEventsRequest| {
@@ -291,6 +326,41 @@ async fn streams_filters_and_lists() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("json_contains"), "{}", e.message());
+
+    // The same through the SQL views offered to Grafana.
+    let alarms: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events_json WHERE body @> '{\"level\": \"alarm\"}'",
+    )
+    .fetch_one(&sluice.db)
+    .await
+    .unwrap();
+    assert_eq!(alarms, 3);
+    let not_json: Vec<Option<serde_json::Value>> =
+        sqlx::query_scalar("SELECT body FROM events_json WHERE device_id = 'ev-1' ORDER BY id")
+            .fetch_all(&sluice.db)
+            .await
+            .unwrap();
+    assert_eq!(not_json.len(), 3);
+    assert!(
+        not_json[2].is_none(),
+        "a body that is not JSON reads as NULL"
+    );
+    let hourly: Vec<(String, f64, i64)> = sqlx::query_as(
+        "SELECT metric, avg, count FROM points_1h WHERE device_id = 's-1' ORDER BY metric",
+    )
+    .fetch_all(&sluice.db)
+    .await
+    .unwrap();
+    let latest: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT metric, value FROM latest_points WHERE device_id = 's-1' ORDER BY metric",
+    )
+    .fetch_all(&sluice.db)
+    .await
+    .unwrap();
+    assert_eq!(latest, [("a".into(), 2.0), ("b".into(), 20.0)]);
+    // Both points of s-1 may fall in one hour or straddle two.
+    let count: i64 = hourly.iter().filter(|h| h.0 == "a").map(|h| h.2).sum();
+    assert_eq!(count, 2, "{hourly:?}");
 
     // Which devices and series have points in a range.
     let range = |start: DateTime<Utc>, end: DateTime<Utc>| (Some(ts(start)), Some(ts(end)));

@@ -9,7 +9,9 @@ cd "$root"
 cargo build --release -q -p sluice -p sluice-simulator
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
-work=$(mktemp -d /tmp/sluice-bench-XXXXXX)
+# KEEP=1 leaves the work directory (and its database) behind; WORK=DIR
+# reuses one left behind.
+work=${WORK:-$(mktemp -d /tmp/sluice-bench-XXXXXX)}
 chmod 755 "$work" # the managed PostgreSQL runs as another user when we are root
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mqtt=$(free_port); ws=$(free_port); grpc=$(free_port); metrics=$(free_port)
@@ -40,7 +42,11 @@ stop_sluice() {
   fi
   sluice_pid=""
 }
-trap 'stop_sluice; rm -rf "$work"' EXIT
+if [ "${KEEP:-0}" = 1 ] || [ -n "${WORK:-}" ]; then
+  trap 'stop_sluice; echo "kept $work" >&2' EXIT
+else
+  trap 'stop_sluice; rm -rf "$work"' EXIT
+fi
 
 # managed_pg: once a server is ready, the managed PostgreSQL's port
 # ($pgport), password (exported as PGPASSWORD) and URL ($database_url).
