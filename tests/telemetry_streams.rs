@@ -56,7 +56,7 @@ async fn cancelled(sluice: &Sluice) -> f64 {
 async fn running_streams(sluice: &Sluice) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity \
-         WHERE state = 'active' AND query LIKE '%WITH ORDINALITY%' \
+         WHERE state = 'active' AND query LIKE '%ORDER BY series_id, time%' \
            AND pid <> pg_backend_pid()",
     )
     .fetch_one(&sluice.db)
@@ -169,7 +169,20 @@ async fn streams_filters_and_lists() {
     )
     .await
     .unwrap();
-    let s1: Vec<(String, f64)> = s1.into_iter().map(|p| (p.metric, p.value)).collect();
+    let mut s1: Vec<(String, f64)> = s1.into_iter().map(|p| (p.metric, p.value)).collect();
+    // One series after the other (in the order they were first stored),
+    // each in time order.
+    assert!(s1[0].0 == s1[1].0 && s1[2].0 == s1[3].0, "{s1:?}");
+    s1.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        s1,
+        [
+            ("a".into(), 1.0),
+            ("a".into(), 2.0),
+            ("b".into(), 10.0),
+            ("b".into(), 20.0)
+        ]
+    );
     assert_eq!(
         s1,
         [

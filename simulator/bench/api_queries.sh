@@ -40,6 +40,7 @@ if [ ! -f "$work/load.json" ]; then
   stop_sluice
   "$bin/sluice" storage maintain --data-dir "$work/data" >"$work/maintain.log" 2>&1
   start_sluice
+  managed_pg # the managed PostgreSQL has a new port
   psql_ -c "VACUUM ANALYZE" >/dev/null
 fi
 cat "$work/load.json"

@@ -17,11 +17,11 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 mqtt=$(free_port); ws=$(free_port); grpc=$(free_port); metrics=$(free_port)
 
 sluice_pid=""
-sluice_starts=0
 # start_sluice [NAME=VALUE ...]: starts a server with that extra environment
 # and waits until it is ready.
 start_sluice() {
-  sluice_starts=$((sluice_starts + 1))
+  # Counted from the log as it is now (a reused work directory has older lines).
+  sluice_starts=$(( $(grep -c "sluice is ready" "$work/sluice.log" 2>/dev/null || true) + 1 ))
   env SLUICE_BROKER__MAX_PUBLISH_RATE=0 "$@" \
     "$bin/sluice" serve --allow-anonymous --data-dir "$work/data" --rules "$work/rules" \
     --mqtt-listen "127.0.0.1:$mqtt" --ws-listen "127.0.0.1:$ws" \

@@ -208,6 +208,7 @@ pub async fn aggregate_points(
         .bind(s.hour.1)
         .bind(s.raw[2].0)
         .bind(s.raw[2].1)
+        .persistent(false)
         .fetch_all(conn)
         .await
 }

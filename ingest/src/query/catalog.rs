@@ -36,6 +36,7 @@ pub async fn devices_with_data(
     .bind(end)
     .bind(after)
     .bind(i64::from(limit))
+    .persistent(false)
     .fetch_all(conn)
     .await
 }
@@ -70,6 +71,7 @@ pub async fn series_with_data(
     .bind(after_device)
     .bind(after_metric)
     .bind(i64::from(limit))
+    .persistent(false)
     .fetch_all(conn)
     .await
 }

@@ -56,6 +56,7 @@ fn bound(
         .bind(after_id)
         .bind(q.json_contains.as_ref().map(sqlx::types::Json))
         .bind(q.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))
+        .persistent(false)
 }
 
 pub async fn query_events(

@@ -2,6 +2,14 @@
 //! only SQL text that varies is picked from fixed strings (a sort
 //! direction), never built from input.
 //!
+//! Every statement here is sent unprepared (`persistent(false)`), so
+//! PostgreSQL plans it for the values at hand: a prepared statement soon
+//! switches to a generic plan, which cannot prune partitions at plan time
+//! and searches an id or name list linearly for every row where a custom
+//! plan hashes it (measured: `LatestPoints` for 10,000 series went from
+//! about 30 ms to over 100 ms on the generic plan). Planning costs about a
+//! millisecond.
+//!
 //! Paged queries are keyset-based: each orders by a unique key and resumes
 //! strictly after the last key of the previous page, so pages stay stable
 //! and cheap however deep the caller goes. Streaming queries hand rows over

@@ -38,6 +38,7 @@ pub async fn selected_series(
     .bind(&selection.device_prefix)
     .bind(&selection.metrics)
     .bind(i64::from(max))
+    .persistent(false)
     .fetch_all(conn)
     .await
 }
@@ -117,25 +118,29 @@ pub async fn query_points(
         .bind(after_time)
         .bind(after_series)
         .bind(i64::from(q.limit))
+        .persistent(false)
         .fetch_all(conn)
         .await
 }
 
-/// A streamed point; `series` indexes the series list the stream was
-/// started with.
+/// A streamed point.
 #[derive(Debug, Clone, Copy, PartialEq, sqlx::FromRow)]
 pub struct StreamedPoint {
-    pub series: i64,
+    pub series_id: i32,
     pub time: DateTime<Utc>,
     pub value: f64,
 }
 
-/// Every point of `series_ids` in [start, end), series by series in the
-/// given order, each in time order; at most `limit` (None: all).
+/// Every point of `series_ids` in [start, end), series by series in
+/// ascending id, each in time order; at most `limit` (None: all).
 ///
-/// The per-series lateral index scan returns rows in exactly that order
-/// with no sort, so the first rows arrive at once and PostgreSQL only runs
-/// as far ahead of the reader as the socket buffers allow.
+/// One statement over all partitions: with the ids as a constant (the
+/// statement is planned for its values, see below), PostgreSQL hashes the
+/// id list and reads each partition once, by its btree or, once compacted,
+/// its BRIN index, then sorts within `work_mem`, spilling to disk beyond
+/// it. A lateral index scan per series would return rows in order without
+/// the sort, but costs a lookup per series and partition, which on
+/// compacted partitions is ten times slower (BENCHMARKS.md, "Query API").
 pub fn stream_points<'c>(
     conn: &'c mut PgConnection,
     series_ids: Vec<i32>,
@@ -144,21 +149,18 @@ pub fn stream_points<'c>(
     descending: bool,
     limit: Option<u64>,
 ) -> BoxStream<'c, Result<StreamedPoint, sqlx::Error>> {
-    const ASCENDING: &str = "SELECT s.n - 1 AS series, p.time, p.value \
-         FROM unnest($1::integer[]) WITH ORDINALITY AS s(id, n) CROSS JOIN LATERAL ( \
-             SELECT time, value FROM points \
-             WHERE series_id = s.id AND time >= $2 AND time < $3 ORDER BY time) p \
-         LIMIT $4";
-    const DESCENDING: &str = "SELECT s.n - 1 AS series, p.time, p.value \
-         FROM unnest($1::integer[]) WITH ORDINALITY AS s(id, n) CROSS JOIN LATERAL ( \
-             SELECT time, value FROM points \
-             WHERE series_id = s.id AND time >= $2 AND time < $3 ORDER BY time DESC) p \
-         LIMIT $4";
+    const ASCENDING: &str = "SELECT series_id, time, value FROM points \
+         WHERE series_id = ANY($1) AND time >= $2 AND time < $3 \
+         ORDER BY series_id, time LIMIT $4";
+    const DESCENDING: &str = "SELECT series_id, time, value FROM points \
+         WHERE series_id = ANY($1) AND time >= $2 AND time < $3 \
+         ORDER BY series_id, time DESC LIMIT $4";
     sqlx::query_as(if descending { DESCENDING } else { ASCENDING })
         .bind(series_ids)
         .bind(start)
         .bind(end)
         .bind(limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))
+        .persistent(false)
         .fetch(conn)
 }
 
@@ -199,6 +201,7 @@ pub async fn latest_points(
     .bind(after_device)
     .bind(after_metric)
     .bind(i64::from(q.limit))
+    .persistent(false)
     .fetch_all(conn)
     .await
 }

@@ -14,6 +14,7 @@ use sluice_proto::v1::{
     LatestPointsRequest, LatestPointsResponse, Order, Point, PointBatch, QueryPointsRequest,
     QueryPointsResponse,
 };
+use std::collections::HashMap;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -174,6 +175,7 @@ impl TelemetryService {
             self.limits.max_scan_rows,
             "narrow the range, select fewer series, set a limit, or use AggregatePoints",
         )?;
+        let by_id: HashMap<i32, SelectedSeries> = series.into_iter().map(|s| (s.id, s)).collect();
         let (tx, rx) = mpsc::channel(STREAM_AHEAD);
         let stop_tx = tx.clone();
         let producer = async move {
@@ -189,7 +191,9 @@ impl TelemetryService {
                             return;
                         }
                     };
-                    let s = &series[p.series as usize];
+                    let Some(s) = by_id.get(&p.series_id) else {
+                        continue; // cannot happen: the query only reads these ids
+                    };
                     chunk.push(point(
                         s.device_id.clone(),
                         s.metric.clone(),
