@@ -3,7 +3,7 @@
 //!
 //! Needs `python3` with grpcio and grpcio-tools
 //! (`pip install -r examples/python/requirements.txt`). Without them the test
-//! is skipped, unless `SLUICE_REQUIRE_PYTHON_CLIENT` is set (as in CI), where
+//! is skipped, unless `REQUIRE_PYTHON_EXAMPLE_TEST` is set (as in CI), where
 //! it fails.
 
 mod support;
@@ -132,16 +132,16 @@ impl Drop for ChildGuard {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_client_queries_aggregates_and_subscribes() {
     if let Err(why) = python_grpc_available() {
-        if std::env::var_os("SLUICE_REQUIRE_PYTHON_CLIENT").is_some() {
+        if std::env::var_os("REQUIRE_PYTHON_EXAMPLE_TEST").is_some() {
             panic!(
-                "SLUICE_REQUIRE_PYTHON_CLIENT is set but python3 lacks grpcio/grpcio-tools \
+                "REQUIRE_PYTHON_EXAMPLE_TEST is set but python3 lacks grpcio/grpcio-tools \
                  (pip install -r examples/python/requirements.txt): {why}"
             );
         }
         eprintln!(
             "SKIPPED python_client: python3 cannot import grpc and grpc_tools \
              (pip install -r examples/python/requirements.txt; set \
-             SLUICE_REQUIRE_PYTHON_CLIENT=1 to fail instead): {why}"
+             REQUIRE_PYTHON_EXAMPLE_TEST=1 to fail instead): {why}"
         );
         return;
     }

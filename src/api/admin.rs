@@ -2,7 +2,7 @@
 //! errors and paging as `Telemetry`.
 
 use super::page_token::{Kind, PageSigner, fingerprint};
-use super::telemetry::{checked_page_size, to_timestamp};
+use super::telemetry::{checked_page_size, next_page, to_timestamp};
 use sluice_ingest::devices::{self, DeviceError};
 use sluice_proto::v1::admin_server::Admin;
 use sluice_proto::v1::{
@@ -73,13 +73,10 @@ impl Admin for AdminService {
         let mut rows = devices::list_page(&self.pool, &r.id_prefix, after.as_deref(), limit + 1)
             .await
             .map_err(status)?;
-        let next_page_token = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            let last = &rows.last().expect("limit ≥ 1").id;
-            self.pages.encode_after_name(Kind::Devices, &query, last)
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut rows, limit, |last| {
+            self.pages
+                .encode_after_name(Kind::Devices, &query, &last.id)
+        });
         Ok(Response::new(ListDevicesResponse {
             devices: rows.into_iter().map(to_proto).collect(),
             next_page_token,

@@ -145,6 +145,37 @@ impl PageSigner {
     ) -> Result<Option<String>, Status> {
         self.decode_with(kind, query, token, |body| String::from_utf8(body).ok())
     }
+
+    /// A token for a list ordered by series: the page's last (device, metric).
+    pub fn encode_after_series(
+        &self,
+        kind: Kind,
+        query: &[u8],
+        device: &str,
+        metric: &str,
+    ) -> String {
+        self.encode_after_name(kind, query, &series_position(device, metric))
+    }
+
+    /// The (device, metric) a token from [`Self::encode_after_series`] holds.
+    pub fn decode_after_series(
+        &self,
+        kind: Kind,
+        query: &[u8],
+        token: &str,
+    ) -> Result<Option<(String, String)>, Status> {
+        self.decode_with(kind, query, token, |body| {
+            let position = String::from_utf8(body).ok()?;
+            let (device, metric) = position.split_once('\0')?;
+            Some((device.to_owned(), metric.to_owned()))
+        })
+    }
+}
+
+/// A series' place in a list, as a token holds it (names never hold NUL:
+/// requests with one are refused).
+fn series_position(device: &str, metric: &str) -> String {
+    format!("{device}\0{metric}")
 }
 
 fn bad_token() -> Status {

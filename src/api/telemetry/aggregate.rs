@@ -270,9 +270,9 @@ impl TelemetryService {
         let mut spec = selection_fingerprint(&selection);
         spec.extend(format!("{buckets:?}/{aggregates:?}/{fill:?}").as_bytes());
         let fingerprint = range_query(&[&spec], start, end);
-        let after = self
-            .pages
-            .decode_after_name(Kind::Aggregates, &fingerprint, &r.page_token)?;
+        let after =
+            self.pages
+                .decode_after_series(Kind::Aggregates, &fingerprint, &r.page_token)?;
 
         let mut conn = QueryConnection::acquire(&self.pool)
             .await
@@ -287,15 +287,17 @@ impl TelemetryService {
                  name devices or metrics, or use a longer device_id_prefix"
             )));
         }
-        let position = |s: &query::SelectedSeries| format!("{}\0{}", s.device_id, s.metric);
         // Series are listed in the database's collation order, so the page
         // resumes after the token's series found by name, not by comparison.
-        let first = match after.as_deref() {
+        let first = match &after {
             None => 0,
-            Some(a) => {
-                all.iter().position(|s| position(s) == a).ok_or_else(|| {
-                    Status::invalid_argument("page_token: its series is no longer selected")
-                })? + 1
+            Some((device, metric)) => {
+                all.iter()
+                    .position(|s| (&s.device_id, &s.metric) == (device, metric))
+                    .ok_or_else(|| {
+                        Status::invalid_argument("page_token: its series is no longer selected")
+                    })?
+                    + 1
             }
         };
         let page = &all[first..all.len().min(first + per_page)];
@@ -356,8 +358,12 @@ impl TelemetryService {
             .collect();
         let next_page_token = if first + page.len() < all.len() {
             let last = page.last().expect("a page holds at least one series");
-            self.pages
-                .encode_after_name(Kind::Aggregates, &fingerprint, &position(last))
+            self.pages.encode_after_series(
+                Kind::Aggregates,
+                &fingerprint,
+                &last.device_id,
+                &last.metric,
+            )
         } else {
             String::new()
         };

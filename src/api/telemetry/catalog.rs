@@ -2,7 +2,7 @@
 
 use super::TelemetryService;
 use super::request::{
-    MAX_LISTED_DEVICES, check_names, closed_time_range, db_error, page_size, range_query,
+    MAX_LISTED_DEVICES, check_names, closed_time_range, db_error, next_page, page_size, range_query,
 };
 use crate::api::cancel::QueryConnection;
 use crate::api::page_token::Kind;
@@ -40,14 +40,10 @@ impl TelemetryService {
             })
             .await
             .map_err(db_error)?;
-        let next_page_token = if ids.len() > limit as usize {
-            ids.truncate(limit as usize);
-            let last = ids.last().expect("limit is at least 1");
+        let next_page_token = next_page(&mut ids, limit, |last| {
             self.pages
                 .encode_after_name(Kind::DevicesWithData, &fingerprint, last)
-        } else {
-            String::new()
-        };
+        });
         Ok(ListDevicesWithDataResponse {
             device_ids: ids,
             next_page_token,
@@ -72,14 +68,8 @@ impl TelemetryService {
         let fingerprint = range_query(&filters, start, end);
         let after = self
             .pages
-            .decode_after_name(Kind::Metrics, &fingerprint, &r.page_token)?;
-        let after = after
-            .as_deref()
-            .map(|a| {
-                a.split_once('\0')
-                    .ok_or_else(|| Status::invalid_argument("page_token"))
-            })
-            .transpose()?;
+            .decode_after_series(Kind::Metrics, &fingerprint, &r.page_token)?;
+        let after = after.as_ref().map(|(d, m)| (d.as_str(), m.as_str()));
         let mut conn = QueryConnection::acquire(&self.pool)
             .await
             .map_err(db_error)?;
@@ -97,15 +87,14 @@ impl TelemetryService {
             })
             .await
             .map_err(db_error)?;
-        let next_page_token = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            let last = rows.last().expect("limit is at least 1");
-            let position = format!("{}\0{}", last.device_id, last.metric);
-            self.pages
-                .encode_after_name(Kind::Metrics, &fingerprint, &position)
-        } else {
-            String::new()
-        };
+        let next_page_token = next_page(&mut rows, limit, |last| {
+            self.pages.encode_after_series(
+                Kind::Metrics,
+                &fingerprint,
+                &last.device_id,
+                &last.metric,
+            )
+        });
         Ok(ListMetricsWithDataResponse {
             series: rows
                 .into_iter()

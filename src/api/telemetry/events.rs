@@ -2,8 +2,8 @@
 
 use super::TelemetryService;
 use super::request::{
-    MAX_LISTED_DEVICES, check_names, check_scan, db_error, no_page_token, page_size, range_query,
-    time_range, to_timestamp, with_single,
+    MAX_LISTED_DEVICES, check_names, check_scan, db_error, next_page, no_page_token, page_size,
+    range_query, time_range, to_timestamp, with_single,
 };
 use crate::api::cancel::QueryConnection;
 use crate::api::page_token::{Kind, PageToken};
@@ -102,17 +102,13 @@ impl TelemetryService {
             .run(|c| query::query_events(c, &q))
             .await
             .map_err(db_error)?;
-        let next_page_token = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            let last = rows.last().expect("limit is at least 1");
+        let next_page_token = next_page(&mut rows, limit, |last| {
             let position = PageToken {
                 time: last.time,
                 key: last.id,
             };
             self.pages.encode(Kind::Events, &fingerprint, &position)
-        } else {
-            String::new()
-        };
+        });
         Ok(QueryEventsResponse {
             events: rows.into_iter().map(event).collect(),
             next_page_token,

@@ -9,7 +9,7 @@ mod points;
 mod request;
 mod subscribe;
 
-pub use request::{checked_page_size, to_timestamp};
+pub use request::{checked_page_size, next_page, to_timestamp};
 
 use super::page_token::PageSigner;
 use sluice_ingest::WriterConfig;

@@ -2,8 +2,9 @@
 
 use super::TelemetryService;
 use super::request::{
-    MAX_SELECTED_SERIES, check_scan, checked_page_size, db_error, no_page_token, page_size,
-    range_query, selection, selection_fingerprint, time_range, to_timestamp, with_single,
+    MAX_SELECTED_SERIES, check_scan, checked_page_size, db_error, next_page, no_page_token,
+    page_size, range_query, selection, selection_fingerprint, time_range, to_timestamp,
+    with_single,
 };
 use crate::api::cancel::QueryConnection;
 use crate::api::page_token::{Kind, PageToken};
@@ -133,17 +134,13 @@ impl TelemetryService {
             .run(|c| query::query_points(c, &q))
             .await
             .map_err(db_error)?;
-        let next_page_token = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            let last = rows.last().expect("limit is at least 1");
+        let next_page_token = next_page(&mut rows, limit, |last| {
             let position = PageToken {
                 time: last.time,
                 key: i64::from(last.series_id),
             };
             self.pages.encode(Kind::Points, &query, &position)
-        } else {
-            String::new()
-        };
+        });
         let points = rows
             .into_iter()
             .map(|p| point(p.device_id, p.metric, p.time, p.value))
@@ -227,17 +224,10 @@ impl TelemetryService {
         let query = selection_fingerprint(&selection);
         let after = self
             .pages
-            .decode_after_name(Kind::Latest, &query, &r.page_token)?;
-        let after = after
-            .as_deref()
-            .map(|a| {
-                a.split_once('\0')
-                    .ok_or_else(|| Status::invalid_argument("page_token"))
-            })
-            .transpose()?;
+            .decode_after_series(Kind::Latest, &query, &r.page_token)?;
         let q = LatestQuery {
             selection: &selection,
-            after,
+            after: after.as_ref().map(|(d, m)| (d.as_str(), m.as_str())),
             limit: limit + 1,
         };
         let mut conn = QueryConnection::acquire(&self.pool)
@@ -247,15 +237,10 @@ impl TelemetryService {
             .run(|c| query::latest_points(c, &q))
             .await
             .map_err(db_error)?;
-        let next_page_token = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            let last = rows.last().expect("limit is at least 1");
-            let position = format!("{}\0{}", last.device_id, last.metric);
+        let next_page_token = next_page(&mut rows, limit, |last| {
             self.pages
-                .encode_after_name(Kind::Latest, &query, &position)
-        } else {
-            String::new()
-        };
+                .encode_after_series(Kind::Latest, &query, &last.device_id, &last.metric)
+        });
         let points = rows
             .into_iter()
             .map(|p| point(p.device_id, p.metric, p.time, p.value))

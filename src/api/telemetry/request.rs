@@ -96,6 +96,17 @@ pub fn check_names(names: &[String], field: &str, max: usize) -> Result<(), Stat
     Ok(())
 }
 
+/// Cuts a page fetched with one row more than `limit`. When that row came,
+/// there is a next page, starting after the page's last row as `position`
+/// encodes it into a token; else the token is empty.
+pub fn next_page<T>(rows: &mut Vec<T>, limit: u32, position: impl FnOnce(&T) -> String) -> String {
+    if rows.len() <= limit as usize {
+        return String::new();
+    }
+    rows.truncate(limit as usize);
+    position(rows.last().expect("limit is at least 1"))
+}
+
 pub fn page_size(limit: u32) -> Result<u32, Status> {
     checked_page_size(limit, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 }
