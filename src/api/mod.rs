@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::info;
 
@@ -70,6 +70,14 @@ pub async fn serve(
             .context("gRPC TLS settings")?;
     }
     info!(addr = %listener.local_addr()?, tls = cx.config.tls.is_some(), "gRPC API listening");
+    // TCP_NODELAY: tonic sets it only on listeners it binds itself. Without
+    // it, Nagle's algorithm holds a response's last small frame until the
+    // client acknowledges the previous one, which a delayed ACK stretches
+    // to 40 ms (measured: every AggregatePoints call took 56 ms instead of
+    // about 15).
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(60)));
     let limits = telemetry::Limits {
         max_scan_rows: cx.config.max_scan_rows,
         max_subscribers: cx.config.max_subscribers,
@@ -90,7 +98,7 @@ pub async fn serve(
         .add_service(AdminServer::new(admin::AdminService::new(
             pool, cx.catalog, pages,
         )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
