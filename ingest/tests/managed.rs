@@ -62,11 +62,20 @@ async fn restart_reuses_cluster_and_saved_password() {
     // Same directory again: the existing cluster is started anew, not re-initialised.
     let pg = ManagedPostgres::start_ephemeral(dir.path()).await.unwrap();
     assert_eq!(saved_password(dir.path()), password);
+    // Sluice itself connects through the server's Unix socket in the
+    // cluster directory; TCP on 127.0.0.1 serves everything else.
+    let socket_dir = std::path::absolute(dir.path().join("pg")).unwrap();
+    assert!(
+        pg.database_url()
+            .ends_with(&format!("?host={}", socket_dir.display())),
+        "{}",
+        pg.database_url()
+    );
+    assert_eq!(select_one(&pg.database_url()).await, 1);
     let url = format!(
         "postgres://postgres:{password}@127.0.0.1:{}/sluice",
         pg.port()
     );
-    assert_eq!(url, pg.database_url());
     let mut conn = connect(&url).await;
     let v: i32 = sqlx::query_scalar("SELECT v FROM marker")
         .fetch_one(&mut conn)
