@@ -2,9 +2,10 @@
 //! and the fill of empty buckets.
 
 use super::TelemetryService;
+use super::points::series_of;
 use super::request::{
-    MAX_SELECTED_SERIES, check_scan, closed_time_range, db_error, range_query, selection,
-    selection_fingerprint, to_timestamp,
+    check_scan, closed_time_range, db_error, range_query, selection, selection_fingerprint,
+    to_timestamp,
 };
 use crate::api::cancel::QueryConnection;
 use crate::api::page_token::Kind;
@@ -277,16 +278,7 @@ impl TelemetryService {
         let mut conn = QueryConnection::acquire(&self.pool)
             .await
             .map_err(db_error)?;
-        let all = conn
-            .run(|c| query::selected_series(c, &selection, MAX_SELECTED_SERIES + 1))
-            .await
-            .map_err(db_error)?;
-        if all.len() > MAX_SELECTED_SERIES as usize {
-            return Err(Status::resource_exhausted(format!(
-                "the selection matches more than {MAX_SELECTED_SERIES} series; \
-                 name devices or metrics, or use a longer device_id_prefix"
-            )));
-        }
+        let all = series_of(&mut conn, &selection).await?;
         // Series are listed in the database's collation order, so the page
         // resumes after the token's series found by name, not by comparison.
         let first = match &after {

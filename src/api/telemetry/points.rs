@@ -74,7 +74,7 @@ fn points_request(r: QueryPointsRequest) -> Result<PointsRequest, Status> {
 }
 
 /// The selected series, refusing selections too broad to list.
-async fn series_of(
+pub(super) async fn series_of(
     conn: &mut QueryConnection,
     selection: &SeriesSelection,
 ) -> Result<Vec<SelectedSeries>, Status> {
