@@ -54,7 +54,13 @@ managed_pg() {
   PGPASSWORD=$(cat "$work/data/pg-password")
   export PGPASSWORD
   pgport=$(sed -n 4p "$work/data/pg/postmaster.pid")
-  database_url="postgres://postgres:$PGPASSWORD@127.0.0.1:$pgport/sluice"
+  # Through the Unix socket, as Sluice connects (on TCP every COPY waits
+  # for a delayed ACK: see ingest/src/managed.rs, database_url).
+  if [ -S "$work/data/pg/.s.PGSQL.$pgport" ]; then
+    database_url="postgres://postgres:$PGPASSWORD@localhost:$pgport/sluice?host=$work/data/pg"
+  else
+    database_url="postgres://postgres:$PGPASSWORD@127.0.0.1:$pgport/sluice"
+  fi
 }
 # psql_ ARGS...: psql on the managed database, unaligned, tuples only.
 psql_() { psql -X -q -t -A -h 127.0.0.1 -p "$pgport" -U postgres -d sluice "$@"; }
