@@ -4,8 +4,8 @@
 use super::TelemetryService;
 use super::points::series_of;
 use super::request::{
-    check_scan, closed_time_range, db_error, range_query, selection, selection_fingerprint,
-    to_timestamp,
+    check_scan, checked_page_size, closed_time_range, db_error, range_query, selection,
+    selection_fingerprint, to_timestamp,
 };
 use crate::api::cancel::QueryConnection;
 use crate::api::page_token::Kind;
@@ -248,15 +248,7 @@ impl TelemetryService {
             .collect::<Result<Vec<_>, _>>()?;
         let fill = Fill::try_from(r.fill)
             .map_err(|_| Status::invalid_argument(format!("fill {} is unknown", r.fill)))?;
-        let per_page = match r.limit {
-            0 => DEFAULT_SERIES_PER_PAGE,
-            n if n > MAX_SERIES_PER_PAGE => {
-                return Err(Status::invalid_argument(format!(
-                    "limit {n} is over the maximum of {MAX_SERIES_PER_PAGE} series per page"
-                )));
-            }
-            n => n,
-        };
+        let per_page = checked_page_size(r.limit, DEFAULT_SERIES_PER_PAGE, MAX_SERIES_PER_PAGE)?;
         let selection = selection(
             r.device_ids.clone(),
             r.device_id_prefix.clone(),
