@@ -151,6 +151,7 @@ fn main() -> std::process::ExitCode {
 /// still come through.
 fn init_logging() {
     use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::FilterExt;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let env = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -158,12 +159,16 @@ fn init_logging() {
     let no_router_spans = tracing_subscriber::filter::filter_fn(|meta| {
         !(meta.is_span() && meta.target().starts_with("rumqttd"))
     });
+    // One combined filter, not two stacked `with_filter`s: stacked, the
+    // outer filter admits every span the inner one rejects, so each debug
+    // span was still created and entered on every poll (a sixth of the API
+    // server's CPU time for a large LatestPoints). Combined, the EnvFilter's
+    // verdict on a callsite is final and a disabled span costs nothing.
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_filter(env)
-                .with_filter(no_router_spans),
+                .with_filter(env.and(no_router_spans)),
         )
         .init();
 }

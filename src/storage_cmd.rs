@@ -123,6 +123,9 @@ async fn maintain(pool: &PgPool, config: &Config) -> anyhow::Result<()> {
     for name in &dropped {
         println!("dropped {name} (retention)");
     }
+    if compaction::reorder_latest(pool, true).await? {
+        println!("rewrote series_latest in (device_id, metric) order");
+    }
     if partitions.compact_after_hours == 0 {
         println!("compaction is off (ingest.partitions.compact_after_hours = 0)");
         return Ok(());

@@ -357,3 +357,72 @@ async fn a_replay_over_shards_at_different_marks_stores_nothing_twice() {
     assert_eq!(marks, (0..4).map(|s| (s, 25, 4)).collect::<Vec<_>>());
     db.stop().await;
 }
+
+#[tokio::test]
+async fn series_latest_is_rewritten_in_name_order_once_scattered() {
+    let db = db().await;
+    let t0 = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let names: Vec<String> = (0..300).map(|i| format!("dev-{i:03}")).collect();
+    let sends = vec![
+        names.iter().map(|d| point(d, "t", t0, 1.0)).collect(),
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, d)| point(d, "t", t0 + Duration::seconds(1), i as f64))
+            .collect(),
+    ];
+    write(&db.pool, WriterConfig::default(), sends).await;
+    // Rows stored against the order LatestPoints reads them in, as when
+    // series arrive in no particular order (the writer's own order is
+    // whatever its batches were).
+    for sql in [
+        "CREATE TEMP TABLE reversed AS SELECT * FROM series_latest ORDER BY device_id DESC",
+        "DELETE FROM series_latest",
+        "INSERT INTO series_latest SELECT * FROM reversed ORDER BY device_id DESC",
+    ] {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    let in_storage_order = |pool: PgPool| async move {
+        sqlx::query_as::<_, (String, String, f64)>(
+            "SELECT device_id, metric, value FROM series_latest ORDER BY ctid",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let before = in_storage_order(db.pool.clone()).await;
+    assert_eq!(before.len(), 300);
+    assert_eq!(before[0].0, "dev-299", "rows start out in reverse order");
+    // The copied names are the series' own.
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM series_latest l JOIN series s ON s.id = l.series_id \
+             WHERE (s.device_id, s.metric) = (l.device_id, l.metric)"
+        )
+        .await,
+        300
+    );
+
+    assert!(
+        sluice_ingest::compaction::reorder_latest(&db.pool, true)
+            .await
+            .unwrap()
+    );
+    let after = in_storage_order(db.pool.clone()).await;
+    let mut expected = before.clone();
+    expected.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(
+        after, expected,
+        "same rows, now in (device_id, metric) order"
+    );
+    assert!(
+        !sluice_ingest::compaction::reorder_latest(&db.pool, true)
+            .await
+            .unwrap(),
+        "an ordered table is left alone"
+    );
+    drop(conn);
+    db.stop().await;
+}

@@ -415,23 +415,31 @@ async fn upsert_latest(
             })
             .or_insert(i);
     }
-    let (mut series, mut time, mut value) = (
-        Vec::with_capacity(latest.len()),
-        Vec::with_capacity(latest.len()),
-        Vec::with_capacity(latest.len()),
+    let n = latest.len();
+    let (mut series, mut device, mut metric) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
     );
+    let (mut time, mut value) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for (id, i) in latest {
         series.push(id);
+        device.push(&*points[i].device_id);
+        metric.push(points[i].metric.as_str());
         time.push(points[i].time);
         value.push(points[i].value);
     }
+    // The names are copied in for LatestPoints' ordered scan (migration
+    // 0011); a series' names never change, so an update leaves them alone.
     sqlx::query(
-        "INSERT INTO series_latest AS l (series_id, time, value) \
-         SELECT * FROM unnest($1::int4[], $2::timestamptz[], $3::float8[]) \
+        "INSERT INTO series_latest AS l (series_id, device_id, metric, time, value) \
+         SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::timestamptz[], $5::float8[]) \
          ON CONFLICT (series_id) DO UPDATE SET time = EXCLUDED.time, value = EXCLUDED.value \
          WHERE EXCLUDED.time >= l.time",
     )
     .bind(series)
+    .bind(device)
+    .bind(metric)
     .bind(time)
     .bind(value)
     .execute(conn)
