@@ -11,6 +11,8 @@ use anyhow::{Result, bail};
 use clap::{ArgGroup, Parser};
 use rumqttc::QoS;
 
+use crate::telemetry::{Profile, TelemetryGenerator};
+
 /// Upper bound for `--metrics`: keeps one payload well below the MQTT packet
 /// size limit the devices are configured with (see [`MAX_PACKET_BYTES`]).
 pub const MAX_METRICS: usize = 1000;
@@ -77,8 +79,13 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: u8,
 
+    /// What the devices are; their payloads follow the profile.
+    #[arg(long, value_enum, default_value_t = Profile::EnvSensor)]
+    pub profile: Profile,
+
     /// Numeric fields per message besides `seq` (temperature, humidity,
-    /// pressure, battery, then m5, m6, …).
+    /// pressure, battery, then m5, m6, …) of the env-sensor and misbehaving
+    /// profiles; the others have fixed fields.
     #[arg(long, default_value_t = 4)]
     pub metrics: usize,
 
@@ -134,6 +141,7 @@ pub struct Config {
     /// Messages per second per device; 0 means unpaced.
     pub rate: f64,
     pub qos: QoS,
+    pub profile: Profile,
     pub metrics: usize,
     pub duration: Option<Duration>,
     pub count: Option<u64>,
@@ -150,6 +158,12 @@ impl Config {
     /// Client and device id of device `index`.
     pub fn device_id(&self, index: u32) -> String {
         format!("{}{}", self.id_prefix, index)
+    }
+
+    /// Points each telemetry message stores: its numeric fields and `seq`.
+    pub fn points_per_message(&self) -> u64 {
+        TelemetryGenerator::for_profile(self.profile, self.metrics, Some(0)).numeric_fields() as u64
+            + 1
     }
 
     /// QoS as the number printed in the summary.
@@ -207,6 +221,7 @@ impl Args {
             } else {
                 QoS::AtLeastOnce
             },
+            profile: self.profile,
             metrics: self.metrics,
             duration,
             count: self.count,

@@ -25,9 +25,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::args::{Config, MAX_PACKET_BYTES};
+use crate::misbehaviour::{self, MAX_OUTGOING_PACKET_BYTES};
 use crate::pacing;
 use crate::stats::{Stats, new_latency_histogram};
-use crate::telemetry::TelemetryGenerator;
+use crate::telemetry::{Profile, TelemetryGenerator};
 
 /// MQTT keep-alive of every device.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -52,6 +53,8 @@ pub async fn run(
 
     let (acked_tx, mut acked_rx) = watch::channel(0u64);
     let (connected_tx, mut connected_rx) = watch::channel(false);
+    // ConnAcks so far: a misbehaving device waits for its reconnection.
+    let (connacks_tx, connacks_rx) = watch::channel(0u64);
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut driver = tokio::spawn(drive(
         eventloop,
@@ -59,6 +62,7 @@ pub async fn run(
         Arc::clone(&stats),
         acked_tx,
         connected_tx,
+        connacks_tx,
         closing_rx,
     ));
 
@@ -78,7 +82,11 @@ pub async fn run(
     }
 
     let sent = if connected {
-        publish(&client, &id, index, &config, &stats, &mut stop).await
+        let links = Links {
+            acked: acked_rx.clone(),
+            connacks: connacks_rx,
+        };
+        publish(&client, &id, index, &config, &stats, &mut stop, links).await
     } else {
         0
     };
@@ -115,11 +123,26 @@ fn mqtt_options(config: &Config, id: &str) -> MqttOptions {
         .set_clean_session(true)
         .set_inflight(config.inflight)
         .set_request_channel_capacity(config.channel_capacity)
-        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        .set_max_packet_size(
+            MAX_PACKET_BYTES,
+            if config.profile == Profile::Misbehaving {
+                MAX_OUTGOING_PACKET_BYTES
+            } else {
+                MAX_PACKET_BYTES
+            },
+        );
     if let Some((user, password)) = &config.credentials {
         options.set_credentials(user.clone(), password.clone());
     }
     options
+}
+
+/// What the publisher sees of its event loop.
+struct Links {
+    /// PUBACKs received.
+    acked: watch::Receiver<u64>,
+    /// ConnAcks received.
+    connacks: watch::Receiver<u64>,
 }
 
 /// Publishes telemetry until `--count` is reached or `stop` turns true.
@@ -131,10 +154,11 @@ async fn publish(
     config: &Config,
     stats: &Stats,
     stop: &mut watch::Receiver<bool>,
+    mut links: Links,
 ) -> u64 {
     let topic = format!("devices/{id}/telemetry");
     let seed = config.seed.map(|s| s.wrapping_add(u64::from(index)));
-    let mut telemetry = TelemetryGenerator::new(config.metrics, seed);
+    let mut telemetry = TelemetryGenerator::for_profile(config.profile, config.metrics, seed);
     let mut ticker = pacing::ticker(config.rate, Instant::now());
     let mut sent = 0u64;
 
@@ -149,6 +173,34 @@ async fn publish(
             break;
         }
 
+        if config.profile == Profile::Misbehaving
+            && let Some(bad) = misbehaviour::scheduled(sent)
+        {
+            let (bad_topic, bad_payload) = misbehaviour::message(bad, id, &topic);
+            // The broker drops the connection over an oversized payload, and
+            // telemetry written behind it on the same socket would be lost
+            // with it (the broker never acknowledged it, so this is the
+            // device's loss, not Sluice's). So: no telemetry in flight
+            // before it, and none sent until the device is back.
+            let cut_off = bad == misbehaviour::BadMessage::Oversized;
+            let connacks = *links.connacks.borrow();
+            if cut_off && config.qos != QoS::AtMostOnce {
+                let all_acked = links.acked.wait_for(|a| *a >= sent);
+                let _ = tokio::time::timeout(config.drain_timeout, all_acked).await;
+            }
+            // QoS 0, so it takes no part in the telemetry's ack count.
+            if client
+                .publish(bad_topic, QoS::AtMostOnce, false, bad_payload)
+                .await
+                .is_ok()
+            {
+                stats.add_misbehaved();
+            }
+            if cut_off {
+                let back = links.connacks.wait_for(|n| *n > connacks);
+                let _ = tokio::time::timeout(config.connect_timeout, back).await;
+            }
+        }
         let payload = telemetry.next_payload(chrono::Utc::now().timestamp_millis());
         let publish = client.publish(topic.as_str(), config.qos, false, payload);
         tokio::pin!(publish);
@@ -196,6 +248,7 @@ async fn drive(
     stats: Arc<Stats>,
     acked: watch::Sender<u64>,
     connected_once: watch::Sender<bool>,
+    connacks: watch::Sender<u64>,
     mut closing: watch::Receiver<bool>,
 ) {
     let mut connected = false;
@@ -215,6 +268,7 @@ async fn drive(
                 connected = true;
                 backoff = MIN_BACKOFF;
                 connected_once.send_replace(true);
+                connacks.send_modify(|n| *n += 1);
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 if let Some(sent_at) = in_flight.remove(&ack.pkid) {

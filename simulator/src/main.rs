@@ -7,6 +7,7 @@
 
 mod args;
 mod device;
+mod misbehaviour;
 mod pacing;
 mod stats;
 mod telemetry;
@@ -116,7 +117,7 @@ async fn run(config: Arc<Config>) -> ExitCode {
     let mut summary = Summary::new(
         config.devices,
         config.qos_level(),
-        config.metrics,
+        config.points_per_message(),
         counters,
         elapsed,
     );

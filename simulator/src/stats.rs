@@ -17,6 +17,8 @@ use serde_json::json;
 pub struct Stats {
     /// Messages accepted by a device's MQTT client, i.e. `seq` values used.
     sent: AtomicU64,
+    /// Deliberately bad messages (the misbehaving profile), not in `sent`.
+    misbehaved: AtomicU64,
     /// PUBACKs received (QoS 1 only).
     acked: AtomicU64,
     /// Connection errors and failed publishes.
@@ -43,6 +45,7 @@ pub fn new_latency_histogram() -> Histogram<u64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Snapshot {
     pub sent: u64,
+    pub misbehaved: u64,
     pub acked: u64,
     pub errors: u64,
     pub connected: u64,
@@ -52,6 +55,10 @@ pub struct Snapshot {
 impl Stats {
     pub fn add_sent(&self) {
         self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add_misbehaved(&self) {
+        self.misbehaved.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn add_acked(&self) {
@@ -116,6 +123,7 @@ impl Stats {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             sent: self.sent.load(Ordering::Relaxed),
+            misbehaved: self.misbehaved.load(Ordering::Relaxed),
             acked: self.acked.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             connected: self.connected.load(Ordering::Relaxed),
@@ -141,10 +149,13 @@ pub struct Summary {
     pub devices: u32,
     pub qos: u8,
     pub sent: u64,
+    /// Deliberately bad messages (misbehaving profile): sent at QoS 0,
+    /// never in `sent`, `acked` or `points`.
+    pub misbehaved: u64,
     pub acked: u64,
     pub errors: u64,
     /// Points Sluice stores for the messages sent: every numeric field is a
-    /// point, which is the `metrics` fields plus `seq` (`ts` is the points'
+    /// point: the profile's numeric fields plus `seq` (`ts` is the points'
     /// timestamp, not a point).
     pub points: u64,
     pub elapsed: Duration,
@@ -154,16 +165,16 @@ impl Summary {
     pub fn new(
         devices: u32,
         qos: u8,
-        metrics: usize,
+        points_per_message: u64,
         counters: Snapshot,
         elapsed: Duration,
     ) -> Self {
-        let points_per_message = metrics as u64 + 1;
         Summary {
             latency: None,
             devices,
             qos,
             sent: counters.sent,
+            misbehaved: counters.misbehaved,
             acked: counters.acked,
             errors: counters.errors,
             points: counters.sent.saturating_mul(points_per_message),
@@ -199,6 +210,7 @@ impl Summary {
             "devices": self.devices,
             "qos": self.qos,
             "sent": self.sent,
+            "misbehaved": self.misbehaved,
             "acked": self.acked,
             "errors": self.errors,
             "points": self.points,
@@ -226,6 +238,13 @@ impl fmt::Display for Summary {
         writeln!(f, "devices:        {}", self.devices)?;
         writeln!(f, "qos:            {}", self.qos)?;
         writeln!(f, "messages sent:  {}", self.sent)?;
+        if self.misbehaved > 0 {
+            writeln!(
+                f,
+                "bad messages:   {} (not counted as sent)",
+                self.misbehaved
+            )?;
+        }
         writeln!(f, "messages acked: {}", self.acked)?;
         writeln!(f, "errors:         {}", self.errors)?;
         writeln!(f, "points sent:    {}", self.points)?;
@@ -284,11 +303,11 @@ mod tests {
 
     #[test]
     fn points_count_seq_but_not_ts() {
-        let s = Summary::new(10, 1, 4, counters(100, 100), Duration::from_secs(2));
+        let s = Summary::new(10, 1, 5, counters(100, 100), Duration::from_secs(2));
         assert_eq!(s.points, 500);
         assert_eq!(s.msgs_per_sec(), 50.0);
         assert_eq!(s.points_per_sec(), 250.0);
-        let zero = Summary::new(1, 0, 0, counters(7, 0), Duration::ZERO);
+        let zero = Summary::new(1, 0, 1, counters(7, 0), Duration::ZERO);
         assert_eq!(zero.points, 7);
         assert_eq!(zero.msgs_per_sec(), 0.0);
     }
@@ -314,18 +333,18 @@ mod tests {
     #[test]
     fn missing_acks_only_for_qos1() {
         assert_eq!(
-            Summary::new(1, 1, 4, counters(10, 7), Duration::ZERO).missing_acks(),
+            Summary::new(1, 1, 5, counters(10, 7), Duration::ZERO).missing_acks(),
             3
         );
         assert_eq!(
-            Summary::new(1, 0, 4, counters(10, 0), Duration::ZERO).missing_acks(),
+            Summary::new(1, 0, 5, counters(10, 0), Duration::ZERO).missing_acks(),
             0
         );
     }
 
     #[test]
     fn json_has_exactly_the_documented_keys() {
-        let s = Summary::new(3, 1, 4, counters(9, 9), Duration::from_millis(1500));
+        let s = Summary::new(3, 1, 5, counters(9, 9), Duration::from_millis(1500));
         let v = s.to_json();
         let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         keys.sort();
@@ -336,6 +355,7 @@ mod tests {
                 "devices",
                 "elapsed_secs",
                 "errors",
+                "misbehaved",
                 "msgs_per_sec",
                 "points",
                 "points_per_sec",
@@ -353,7 +373,7 @@ mod tests {
 
     #[test]
     fn text_summary_mentions_every_figure() {
-        let text = Summary::new(3, 1, 4, counters(9, 8), Duration::from_secs(3)).to_string();
+        let text = Summary::new(3, 1, 5, counters(9, 8), Duration::from_secs(3)).to_string();
         for needle in [
             "devices:        3",
             "qos:            1",

@@ -99,6 +99,97 @@ fn named_specs() -> [(&'static str, WalkSpec); 4] {
 }
 
 /// Generic percentage-like gauge used for `m5`, `m6`, ….
+/// A walk with no trend that drifts back towards `centre`.
+const fn level(min: f64, max: f64, centre: f64, spread: f64, step: f64, decimals: i32) -> WalkSpec {
+    WalkSpec {
+        min,
+        max,
+        centre,
+        start_spread: spread,
+        step,
+        reversion: 0.01,
+        trend: 0.0,
+        reset_to: None,
+        decimals,
+    }
+}
+
+/// `spec` without mean reversion: a position wanders, it does not return.
+const fn wander(spec: WalkSpec) -> WalkSpec {
+    WalkSpec {
+        reversion: 0.0,
+        ..spec
+    }
+}
+
+/// What a simulated device is: which fields its payloads carry and how
+/// they move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// Temperature, humidity, pressure, battery (then `m5`, `m6`, … up to
+    /// `--metrics`), drifting slowly.
+    EnvSensor,
+    /// GPS position, speed, heading and battery, and now and then a
+    /// non-numeric `status`.
+    AssetTracker,
+    /// A three-phase power meter: 12 metrics, among them a kWh counter that
+    /// only grows.
+    Meter,
+    /// An environmental sensor that also sends bad JSON, payloads over the
+    /// broker's size limit and messages to a topic it may not use (see
+    /// `device.rs`).
+    Misbehaving,
+}
+
+/// How often an asset tracker adds its `status` field (every Nth message).
+const STATUS_EVERY: u64 = 20;
+const STATUSES: [&str; 3] = ["moving", "parked", "charging"];
+
+fn tracker_specs() -> Vec<(&'static str, WalkSpec)> {
+    vec![
+        // Anywhere between the polar circles, then ~50 m per message, with
+        // no pull back towards the equator.
+        ("lat", wander(level(-66.0, 66.0, 0.0, 60.0, 0.0005, 6))),
+        ("lon", wander(level(-180.0, 180.0, 0.0, 175.0, 0.0005, 6))),
+        ("speed", level(0.0, 130.0, 40.0, 30.0, 3.0, 1)),
+        ("heading", level(0.0, 359.0, 180.0, 179.0, 8.0, 0)),
+        ("battery", named_specs()[3].1.clone()),
+    ]
+}
+
+fn meter_specs() -> Vec<(&'static str, WalkSpec)> {
+    let volts = level(207.0, 253.0, 230.0, 3.0, 0.3, 1);
+    let amps = level(0.0, 63.0, 16.0, 10.0, 0.5, 2);
+    vec![
+        ("voltage_l1", volts.clone()),
+        ("voltage_l2", volts.clone()),
+        ("voltage_l3", volts),
+        ("current_l1", amps.clone()),
+        ("current_l2", amps.clone()),
+        ("current_l3", amps),
+        ("power_kw", level(0.0, 43.0, 11.0, 6.0, 0.3, 3)),
+        ("power_factor", level(0.7, 1.0, 0.95, 0.03, 0.005, 3)),
+        ("frequency_hz", level(49.8, 50.2, 50.0, 0.02, 0.005, 3)),
+        ("thd_pct", level(0.0, 20.0, 3.0, 1.0, 0.1, 2)),
+        ("temperature", named_specs()[0].1.clone()),
+        (
+            "energy_kwh",
+            // A counter: it only moves up, by a little each message.
+            WalkSpec {
+                min: 0.0,
+                max: 1e12,
+                centre: 0.0,
+                start_spread: 0.0,
+                step: 0.0,
+                reversion: 0.0,
+                trend: 0.003,
+                reset_to: None,
+                decimals: 3,
+            },
+        ),
+    ]
+}
+
 fn generic_spec() -> WalkSpec {
     WalkSpec {
         min: 0.0,
@@ -167,6 +258,8 @@ pub struct TelemetryGenerator {
     /// The last `ts` stamped, so the next one can be later.
     last_ts_ms: Option<i64>,
     walks: Vec<Walk>,
+    /// Adds a non-numeric `status` every [`STATUS_EVERY`] messages.
+    status: bool,
     rng: SmallRng,
 }
 
@@ -189,8 +282,32 @@ impl TelemetryGenerator {
             seq: 0,
             last_ts_ms: None,
             walks,
+            status: false,
             rng,
         }
+    }
+
+    /// A device of `profile`; `metrics` counts the environmental sensor's
+    /// fields (the other profiles have fixed ones).
+    pub fn for_profile(profile: Profile, metrics: usize, seed: Option<u64>) -> Self {
+        let specs = match profile {
+            Profile::EnvSensor | Profile::Misbehaving => return Self::new(metrics, seed),
+            Profile::AssetTracker => tracker_specs(),
+            Profile::Meter => meter_specs(),
+        };
+        let mut g = Self::new(0, seed);
+        g.walks = specs
+            .into_iter()
+            .map(|(name, spec)| Walk::new(name.to_owned(), spec, &mut g.rng))
+            .collect();
+        g.status = profile == Profile::AssetTracker;
+        g
+    }
+
+    /// Numeric fields per message: the points each message stores, `seq`
+    /// not counted.
+    pub fn numeric_fields(&self) -> usize {
+        self.walks.len()
     }
 
     /// `seq` of the next message.
@@ -223,6 +340,10 @@ impl TelemetryGenerator {
         let _ = write!(out, "{{\"seq\":{},\"ts\":{ts_ms}", self.seq);
         for walk in &self.walks {
             walk.write_field(&mut out);
+        }
+        if self.status && self.seq % STATUS_EVERY == STATUS_EVERY - 1 {
+            let status = STATUSES[self.rng.random_range(0..STATUSES.len())];
+            let _ = write!(out, ",\"status\":\"{status}\"");
         }
         out.push('}');
         self.seq += 1;
@@ -358,6 +479,45 @@ mod tests {
         let (pa, pb, pc) = (a.next_payload(5), b.next_payload(5), c.next_payload(5));
         assert_eq!(pa, pb);
         assert_ne!(pa, pc);
+    }
+
+    #[test]
+    fn profiles_carry_their_own_fields_within_range() {
+        let mut tracker = TelemetryGenerator::for_profile(Profile::AssetTracker, 4, Some(1));
+        let mut statuses = 0;
+        let (mut lat0, mut lat_last) = (None, 0.0);
+        for _ in 0..200 {
+            let m = tracker.next_message(0);
+            for key in ["lat", "lon", "speed", "heading", "battery", "seq", "ts"] {
+                assert!(m[key].is_number(), "{key} in {m:?}");
+            }
+            let lat = m["lat"].as_f64().unwrap();
+            assert!((-66.0..=66.0).contains(&lat));
+            lat0.get_or_insert(lat);
+            lat_last = lat;
+            if let Some(s) = m.get("status") {
+                assert!(STATUSES.contains(&s.as_str().unwrap()));
+                statuses += 1;
+            }
+        }
+        assert_eq!(statuses, 200 / STATUS_EVERY as usize);
+        // 200 steps of at most 0.0005 degrees: a vehicle, not a teleporter.
+        assert!((lat_last - lat0.unwrap()).abs() <= 0.1);
+        assert_eq!(tracker.numeric_fields(), 5);
+
+        let mut meter = TelemetryGenerator::for_profile(Profile::Meter, 4, Some(2));
+        assert_eq!(meter.numeric_fields(), 12);
+        let mut energy = -1.0;
+        for _ in 0..500 {
+            let m = meter.next_message(0);
+            let e = m["energy_kwh"].as_f64().unwrap();
+            assert!(e >= energy, "the energy counter went back: {energy} -> {e}");
+            energy = e;
+            let v = m["voltage_l2"].as_f64().unwrap();
+            assert!((207.0..=253.0).contains(&v));
+            assert_eq!(m.len(), 14, "12 metrics, seq and ts");
+        }
+        assert!(energy > 1.0);
     }
 
     #[test]
