@@ -42,6 +42,12 @@ async fn run(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
     if config.broker.allow_anonymous {
         warn!("anonymous MQTT clients are allowed (--allow-anonymous): for development only");
     }
+    if config.ingest.discard {
+        warn!(
+            "ingest.discard is on: telemetry is counted and thrown away, nothing is stored \
+             (for benchmarking only)"
+        );
+    }
     if config.api.allow_anonymous {
         warn!(
             "gRPC calls are served without an API token (--allow-anonymous): for development only"

@@ -426,3 +426,35 @@ async fn series_latest_is_rewritten_in_name_order_once_scattered() {
     drop(conn);
     db.stop().await;
 }
+
+#[tokio::test]
+async fn the_null_sink_reports_every_mark_and_stores_nothing() {
+    let db = db().await;
+    let marks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&marks);
+    let config = WriterConfig {
+        discard: true,
+        ..Default::default()
+    };
+    let on_stored: sluice_ingest::OnStored = Box::new(move |m| seen.lock().unwrap().push(m));
+    let (sink, writer) = spawn_writer(db.pool.clone(), config, Some(on_stored));
+    let t0 = Utc::now();
+    tokio::task::spawn_blocking(move || {
+        for seq in 1..=20u64 {
+            let time = t0 + Duration::milliseconds(seq as i64);
+            let records = (0..10)
+                .map(|d| point(&format!("dev{d}"), "seq", time, seq as f64))
+                .collect();
+            sink.blocking_send_marked(records, seq).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    writer.await.unwrap();
+    let marks = marks.lock().unwrap().clone();
+    assert_eq!(marks.last(), Some(&20), "every mark is reported: {marks:?}");
+    assert!(marks.windows(2).all(|w| w[0] < w[1]), "{marks:?}");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM points").await, 0);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM series").await, 0);
+    db.stop().await;
+}

@@ -69,6 +69,13 @@ pub struct WriterConfig {
     /// Committed batches the live feed keeps for slow API subscribers;
     /// one further behind and a subscriber is told what it missed.
     pub live_feed_batches: usize,
+    /// Benchmarking only: a null sink. Shards count what they receive
+    /// (`sluice_records_discarded_total{kind}`) and throw it away instead
+    /// of writing it, and report each mark at once, so the spool is freed
+    /// as usual. It measures the broker and the rules without PostgreSQL's
+    /// limit, the way a bare broker is measured (BENCHMARKS.md, "Broker
+    /// fan-in"); nothing reaches the database or the live feed.
+    pub discard: bool,
 }
 
 impl Default for WriterConfig {
@@ -87,6 +94,7 @@ impl Default for WriterConfig {
             rollups: true,
             partitions: PartitionConfig::default(),
             live_feed_batches: 32,
+            discard: false,
         }
     }
 }
@@ -384,6 +392,7 @@ impl Shard {
             let deadline = oldest.map(|t| t + flush_interval);
             tokio::select! {
                 received = rx.recv() => match received {
+                    Some(input) if self.config.discard => self.discard(input),
                     Some(input) => {
                         if input.mark.is_some() {
                             marks.received = input.mark;
@@ -505,6 +514,31 @@ impl Shard {
 }
 
 impl Shard {
+    /// The null sink (`discard`): counts the records by kind, drops them
+    /// and reports the mark as if they were committed.
+    fn discard(&self, input: Input) {
+        let mut counts = [0u64; 4];
+        for record in &input.records {
+            counts[match record {
+                Record::Point(_) => 0,
+                Record::Event(_) => 1,
+                Record::DeadLetter(_) => 2,
+                Record::State(_) => 3,
+            }] += 1;
+        }
+        for (kind, n) in ["point", "event", "dead_letter", "state"]
+            .into_iter()
+            .zip(counts)
+        {
+            if n > 0 {
+                counter!("sluice_records_discarded_total", "kind" => kind).increment(n);
+            }
+        }
+        if let Some(mark) = input.mark {
+            self.reports.stored(self.index, mark);
+        }
+    }
+
     /// Hands a committed batch's points and events to live subscribers,
     /// moving them out of the batch (which is cleared next anyway).
     fn publish_live(&self, batch: &mut batch::Batch, written: &batch::Written) {
