@@ -350,6 +350,7 @@ def ceiling(rounds: int, quick: bool, report: Report, result: Ceiling) -> None:
         # date, cores, load, round, _, e2e, copy1, e2e/1, copy2, e2e/2, under load, that/2
         e2e, copy1, r1, copy2, r2, under, rl = cells[5:12]
         points = metrics + 1
+        e2e, copy1, copy2, under = (fmt_int(float(x)) for x in (e2e, copy1, copy2, under))
         rows.append([str(points), e2e, copy1, r1, copy2, r2, under, rl])
         pct2 = float(r2.rstrip("%"))
         report.goal(f"end to end vs binary COPY, {points} points/msg",

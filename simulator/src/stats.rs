@@ -19,6 +19,8 @@ pub struct Stats {
     sent: AtomicU64,
     /// Deliberately bad messages (the misbehaving profile), not in `sent`.
     misbehaved: AtomicU64,
+    /// Extra connections of reconnect storms (the misbehaving profile).
+    storm_connects: AtomicU64,
     /// PUBACKs received (QoS 1 only).
     acked: AtomicU64,
     /// Connection errors and failed publishes.
@@ -46,6 +48,7 @@ pub fn new_latency_histogram() -> Histogram<u64> {
 pub struct Snapshot {
     pub sent: u64,
     pub misbehaved: u64,
+    pub storm_connects: u64,
     pub acked: u64,
     pub errors: u64,
     pub connected: u64,
@@ -59,6 +62,10 @@ impl Stats {
 
     pub fn add_misbehaved(&self) {
         self.misbehaved.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add_storm_connect(&self) {
+        self.storm_connects.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn add_acked(&self) {
@@ -102,15 +109,7 @@ impl Stats {
     /// Publish → PUBACK percentiles in milliseconds, if any ack was timed.
     pub fn latency(&self) -> Option<Latency> {
         let all = self.ack_latency.lock().unwrap_or_else(|e| e.into_inner());
-        let h = all.as_ref().filter(|h| !h.is_empty())?;
-        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        Some(Latency {
-            samples: h.len(),
-            p50_ms: ms(0.50),
-            p90_ms: ms(0.90),
-            p99_ms: ms(0.99),
-            max_ms: h.max() as f64 / 1000.0,
-        })
+        Latency::of(all.as_ref()?)
     }
 
     pub fn first_error(&self) -> Option<String> {
@@ -124,6 +123,7 @@ impl Stats {
         Snapshot {
             sent: self.sent.load(Ordering::Relaxed),
             misbehaved: self.misbehaved.load(Ordering::Relaxed),
+            storm_connects: self.storm_connects.load(Ordering::Relaxed),
             acked: self.acked.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             connected: self.connected.load(Ordering::Relaxed),
@@ -132,7 +132,8 @@ impl Stats {
     }
 }
 
-/// Publish → PUBACK latency of a run (QoS 1).
+/// Latency percentiles of a run: publish → PUBACK (QoS 1), or publish →
+/// stored (`--latency`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Latency {
     pub samples: u64,
@@ -140,6 +141,23 @@ pub struct Latency {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+}
+
+impl Latency {
+    /// The percentiles of a histogram of microseconds; None when empty.
+    pub fn of(h: &Histogram<u64>) -> Option<Latency> {
+        if h.is_empty() {
+            return None;
+        }
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Some(Latency {
+            samples: h.len(),
+            p50_ms: ms(0.50),
+            p90_ms: ms(0.90),
+            p99_ms: ms(0.99),
+            max_ms: h.max() as f64 / 1000.0,
+        })
+    }
 }
 
 /// The final report of a run.
@@ -152,6 +170,8 @@ pub struct Summary {
     /// Deliberately bad messages (misbehaving profile): sent at QoS 0,
     /// never in `sent`, `acked` or `points`.
     pub misbehaved: u64,
+    /// Extra connections opened by reconnect storms (misbehaving profile).
+    pub storm_connects: u64,
     pub acked: u64,
     pub errors: u64,
     /// Points Sluice stores for the messages sent: every numeric field is a
@@ -175,6 +195,7 @@ impl Summary {
             qos,
             sent: counters.sent,
             misbehaved: counters.misbehaved,
+            storm_connects: counters.storm_connects,
             acked: counters.acked,
             errors: counters.errors,
             points: counters.sent.saturating_mul(points_per_message),
@@ -211,6 +232,7 @@ impl Summary {
             "qos": self.qos,
             "sent": self.sent,
             "misbehaved": self.misbehaved,
+            "storm_connects": self.storm_connects,
             "acked": self.acked,
             "errors": self.errors,
             "points": self.points,
@@ -243,6 +265,13 @@ impl fmt::Display for Summary {
                 f,
                 "bad messages:   {} (not counted as sent)",
                 self.misbehaved
+            )?;
+        }
+        if self.storm_connects > 0 {
+            writeln!(
+                f,
+                "storm connects: {} (reconnect storms, each a session takeover)",
+                self.storm_connects
             )?;
         }
         writeln!(f, "messages acked: {}", self.acked)?;
@@ -361,7 +390,8 @@ mod tests {
                 "points_per_sec",
                 "puback_latency_ms",
                 "qos",
-                "sent"
+                "sent",
+                "storm_connects"
             ]
         );
         assert_eq!(v["sent"], 9);
@@ -369,6 +399,18 @@ mod tests {
         assert_eq!(v["elapsed_secs"], 1.5);
         assert_eq!(v["msgs_per_sec"], 6.0);
         assert_eq!(v["points_per_sec"], 30.0);
+    }
+
+    #[test]
+    fn storm_connects_are_in_text_and_json() {
+        let mut c = counters(9, 9);
+        c.storm_connects = 5;
+        let s = Summary::new(3, 1, 5, c, Duration::from_secs(1));
+        assert_eq!(s.to_json()["storm_connects"], 5);
+        assert!(s.to_string().contains("storm connects: 5"), "{s}");
+        let quiet = Summary::new(3, 1, 5, counters(9, 9), Duration::from_secs(1));
+        assert_eq!(quiet.to_json()["storm_connects"], 0);
+        assert!(!quiet.to_string().contains("storm"));
     }
 
     #[test]
@@ -400,8 +442,10 @@ mod tests {
         stats.device_connected(true);
         stats.device_connected(false);
         stats.device_disconnected();
+        stats.add_storm_connect();
         let s = stats.snapshot();
         assert_eq!((s.sent, s.acked, s.errors), (2, 1, 2));
+        assert_eq!(s.storm_connects, 1);
         assert_eq!((s.connected, s.ever_connected), (1, 1));
         assert_eq!(stats.first_error().as_deref(), Some("first"));
     }

@@ -136,8 +136,8 @@ pub enum Profile {
     /// only grows.
     Meter,
     /// An environmental sensor that also sends bad JSON, payloads over the
-    /// broker's size limit and messages to a topic it may not use (see
-    /// `device.rs`).
+    /// broker's size limit and messages to a topic it may not use, and now
+    /// and then has a reconnect storm (see `misbehaviour.rs`).
     Misbehaving,
 }
 
@@ -311,9 +311,13 @@ impl TelemetryGenerator {
     }
 
     /// `seq` of the next message.
-    #[cfg(test)]
     pub fn next_seq(&self) -> u64 {
         self.seq
+    }
+
+    /// `ts` of the last message made, if any.
+    pub fn last_ts_ms(&self) -> Option<i64> {
+        self.last_ts_ms
     }
 
     /// The next message serialised as the MQTT payload, a JSON object
@@ -398,7 +402,9 @@ mod tests {
         let ts = |g: &mut TelemetryGenerator, now| g.next_message(now)["ts"].as_i64().unwrap();
         // Three messages within one millisecond of the clock, then the clock
         // catches up, then jumps ahead.
+        assert_eq!(g.last_ts_ms(), None);
         assert_eq!(ts(&mut g, 1_000), 1_000);
+        assert_eq!(g.last_ts_ms(), Some(1_000));
         assert_eq!(ts(&mut g, 1_000), 1_001);
         assert_eq!(ts(&mut g, 1_000), 1_002);
         assert_eq!(ts(&mut g, 1_002), 1_003);
