@@ -480,63 +480,95 @@ alternating the order; "vs built-in" is the median of each round's ratio.
 # 4. Connection scale
 
 
-def idle(work: Path, quick: bool, report: Report) -> None:
+def idle(work: Path, rounds: int, quick: bool, report: Report) -> None:
     counts = [1000] if quick else [1000, 10000]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     rows = []
     notes = []
-    sluice, mosquitto = Sluice(work), Mosquitto(work)
+    brokers = [("Mosquitto", Mosquitto(work)), ("Sluice", Sluice(work))]
     for n in counts:
         want = n + 1024
         if hard != resource.RLIM_INFINITY and hard < want:
             notes.append(f"{n:,} connections skipped: the hard file-descriptor limit is {hard}.")
             continue
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
-        for name, broker in (("Mosquitto", mosquitto), ("Sluice", sluice)):
-            broker.start()
-            try:
-                port = broker.port if name == "Mosquitto" else broker.mqtt
-                # Warm the connection paths so the baseline is not flattered.
-                run_sim(sim_command(port, 10, 1, 1, rate=1, extra=["--count", "1",
-                                                                     "--id-prefix", "warm-"]))
-                time.sleep(2)
-                base = rss_kib(broker.pid)
-                ramp = 10_000 if n >= 5000 else 2_000
-                hold = ramp / 1000 + 25
-                sim = subprocess.Popen(
-                    sim_command(port, n, 1, hold, rate=0.001,
-                                extra=["--ramp-ms", str(ramp), "--id-prefix", "idle-"]),
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                # Every device is connected once the ramp is over plus a margin;
-                # then the broker is measured over 10 s of idleness.
-                time.sleep(ramp / 1000 + 5)
-                c0, t0 = cpu_seconds(broker.pid), time.monotonic()
-                time.sleep(10)
-                busy = 100 * (cpu_seconds(broker.pid) - c0) / (time.monotonic() - t0)
-                connected = established(port)
-                with_n = rss_kib(broker.pid)
-                sim.wait(timeout=hold + 120)
-            finally:
-                broker.stop()
-            per = (with_n - base) / max(connected, 1)
-            rows.append([name, f"{n:,}", f"{connected:,}", f"{base:,}", f"{with_n:,}",
-                         f"{per:.1f}", f"{busy:.1f}%"])
+        runs: dict[str, list[IdleRun]] = {name: [] for name, _ in brokers}
+        for r in range(rounds):
+            for name, broker in (brokers if r % 2 == 0 else list(reversed(brokers))):
+                runs[name].append(idle_run(broker, n))
+                log(f"idle {n} round {r + 1} {name}: {runs[name][-1]}")
+        for name, _ in brokers:
+            per = median([x.per_connection for x in runs[name]])
+            rows.append([name, f"{n:,}", "/".join(f"{x.connected:,}" for x in runs[name]),
+                         fmt_int(median([x.before for x in runs[name]])),
+                         fmt_int(median([x.with_them for x in runs[name]])),
+                         f"{per:.1f}", ", ".join(f"{x.per_connection:.1f}" for x in runs[name]),
+                         f"{median([x.cpu_percent for x in runs[name]]):.1f}%"])
             if name == "Sluice":
                 report.history[f"KiB per idle conn, {n:,}"] = f"{per:.1f}"
                 report.goal(f"memory per idle connection, {n:,} devices", "≤ 16 KiB",
                             f"{per:.1f} KiB", per <= 16)
     report.add(f"""## 4. Connection scale
 
-Each broker alone: 10 warm-up devices, then N devices connect over the ramp
-(`sluice-sim --devices N --rate 0.001 --ramp-ms 10000`, so each publishes
-one QoS 1 message and then idles with a 30 s keep-alive). RSS before and
-with them; per connection = the difference over the connections
-established; CPU = the broker's CPU time over 10 s of that idleness.
-{" ".join(notes)}
+Each broker alone, freshly started: 10 warm-up devices, then N devices
+connect over the ramp (`sluice-sim --devices N --rate 0.001 --ramp-ms 10000`,
+2000 for 1,000 devices, so each publishes one QoS 1 message and then idles
+with a 30 s keep-alive). RSS before and with them; per connection = the
+difference over the connections established; CPU = the broker's CPU time
+over 10 s of that idleness. Medians of {rounds} rounds, alternating which
+broker goes first. {" ".join(notes)}
 
-{table(["broker", "devices", "connected", "RSS before KiB", "RSS with them KiB",
-        "KiB per connection", "CPU while idle"], rows)}
+{table(["broker", "devices", "connected (each round)", "RSS before KiB", "RSS with them KiB",
+        "KiB per connection", "each round", "CPU while idle"], rows)}
 """)
+
+
+@dataclass
+class IdleRun:
+    connected: int
+    before: int
+    with_them: int
+    cpu_percent: float
+
+    @property
+    def per_connection(self) -> float:
+        return (self.with_them - self.before) / max(self.connected, 1)
+
+    def __str__(self) -> str:
+        return (f"{self.connected} connected, {self.before} → {self.with_them} KiB, "
+                f"{self.per_connection:.1f} KiB each, CPU {self.cpu_percent:.1f}%")
+
+
+def idle_run(broker: Sluice | Mosquitto, n: int) -> IdleRun:
+    """One broker start with N idle devices connected."""
+    broker.start()
+    try:
+        port = broker.port if isinstance(broker, Mosquitto) else broker.mqtt
+        # Warm the connection paths so the baseline is not flattered.
+        run_sim(sim_command(port, 10, 1, 1, rate=1, extra=["--count", "1", "--id-prefix", "warm-"]))
+        time.sleep(2)
+        before = rss_kib(broker.pid)
+        ramp = 10_000 if n >= 5000 else 2_000
+        sim = subprocess.Popen(
+            sim_command(port, n, 1, ramp / 1000 + 120, rate=0.001,
+                        extra=["--ramp-ms", str(ramp), "--id-prefix", "idle-"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # Every device is connected once the ramp is over plus a margin;
+            # then the broker is measured over 10 s of idleness.
+            time.sleep(ramp / 1000 + 5)
+            c0, t0 = cpu_seconds(broker.pid), time.monotonic()
+            time.sleep(10)
+            cpu = 100 * (cpu_seconds(broker.pid) - c0) / (time.monotonic() - t0)
+            connected = established(port)
+            with_them = rss_kib(broker.pid)
+        finally:
+            # Ctrl-C: the devices disconnect cleanly.
+            sim.send_signal(signal.SIGINT)
+            sim.wait(timeout=120)
+    finally:
+        broker.stop()
+    return IdleRun(connected, before, with_them, cpu)
 
 
 def established(port: int) -> int:
@@ -672,7 +704,7 @@ def main() -> int:
         if "rules" in only:
             rule_cost(work, args.rounds, args.quick, report)
         if "idle" in only:
-            idle(work, args.quick, report)
+            idle(work, args.rounds, args.quick, report)
         if "latency" in only:
             latency(work, args.rounds, args.quick, report, result)
     finally:
