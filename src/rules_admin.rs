@@ -3,6 +3,7 @@
 
 use crate::rules_cmd::{RulesCommand, Server};
 use anyhow::Context;
+use sluice_proto::BearerToken;
 use sluice_proto::v1::admin_client::AdminClient;
 use sluice_proto::v1::rule::{Source, Status};
 use sluice_proto::v1::{
@@ -11,8 +12,6 @@ use sluice_proto::v1::{
 };
 use sluice_rules::manifest::Manifest;
 use std::path::Path;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -121,24 +120,6 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Adds `authorization: Bearer <token>` to every call, when there is a token.
-#[derive(Clone)]
-struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
 
 async fn client(server: &Server) -> anyhow::Result<Admin> {
@@ -148,13 +129,9 @@ async fn client(server: &Server) -> anyhow::Result<Admin> {
         .connect()
         .await
         .with_context(|| format!("cannot reach the server's gRPC API at {address}"))?;
-    let token = server
-        .token
-        .as_deref()
-        .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
-        .transpose()
+    let token = BearerToken::new(server.token.as_deref())
         .context("--token holds characters a header cannot")?;
-    Ok(AdminClient::with_interceptor(channel, BearerToken(token)))
+    Ok(AdminClient::with_interceptor(channel, token))
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {

@@ -4,80 +4,12 @@
 mod support;
 
 use bytes::BytesMut;
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use rumqttc::mqttbytes::v4 as wire;
 use rumqttc::{ConnectReturnCode, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::Arc;
 use std::time::Duration;
+use support::pki::Pki;
 use support::{Options, Sluice, mqtt_connect};
-
-struct Pki {
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "sluice test CA");
-        let ca = params.self_signed(&ca_key).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        let pki = Self { ca, ca_key, dir };
-        let (server, key) = pki.issue("localhost", ExtendedKeyUsagePurpose::ServerAuth);
-        std::fs::write(pki.dir.path().join("server.pem"), server.pem()).unwrap();
-        std::fs::write(pki.dir.path().join("server.key"), key.serialize_pem()).unwrap();
-        pki
-    }
-
-    fn issue(&self, cn: &str, usage: ExtendedKeyUsagePurpose) -> (rcgen::Certificate, KeyPair) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![usage];
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        (cert, key)
-    }
-
-    fn sluice_env(&self) -> Vec<(String, String)> {
-        let p = |f: &str| self.dir.path().join(f).display().to_string();
-        vec![
-            ("SLUICE_BROKER__TLS__CERT_FILE".into(), p("server.pem")),
-            ("SLUICE_BROKER__TLS__KEY_FILE".into(), p("server.key")),
-            ("SLUICE_BROKER__TLS__CLIENT_CA_FILE".into(), p("ca.pem")),
-        ]
-    }
-
-    /// A client TLS configuration trusting the CA, with an optional client certificate.
-    fn client(&self, client_cert_cn: Option<&str>) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-        let config = match client_cert_cn {
-            Some(cn) => {
-                let (cert, key) = self.issue(cn, ExtendedKeyUsagePurpose::ClientAuth);
-                let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-                builder
-                    .with_client_auth_cert(vec![CertificateDer::from(cert.der().to_vec())], key)
-                    .unwrap()
-            }
-            None => builder.with_no_client_auth(),
-        };
-        Arc::new(config)
-    }
-}
 
 fn tls_options(sluice: &Sluice, client_id: &str, tls: Arc<rustls::ClientConfig>) -> MqttOptions {
     let mut opts = MqttOptions::new(client_id, "localhost", sluice.mqtts_port);
@@ -89,14 +21,7 @@ fn tls_options(sluice: &Sluice, client_id: &str, tls: Arc<rustls::ClientConfig>)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_and_passwords_over_tls() {
     let pki = Pki::new();
-    let sluice = Sluice::start_with(
-        Options {
-            env: pki.sluice_env(),
-            ..Options::authenticated()
-        },
-        |_| {},
-    )
-    .await;
+    let sluice = Sluice::start_with(pki.authenticated_server(), |_| {}).await;
     for id in ["d1", "d2"] {
         sluice.create_device(id).await;
     }

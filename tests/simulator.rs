@@ -5,12 +5,13 @@
 
 mod support;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use rcgen::ExtendedKeyUsagePurpose;
 use sluice_proto::v1::QueryPointsRequest;
 use sluice_simulator::{Report, Verification, parse_args, run};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+use support::pki::Pki;
 use support::{Options, Sluice};
 
 /// Generous: a loaded CI machine with two cores runs these in parallel.
@@ -358,80 +359,10 @@ async fn an_authenticated_fleet_from_a_credentials_file() {
     sluice.stop();
 }
 
-/// A CA, a server certificate for localhost, client certificates on demand.
-struct Pki {
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "sim test CA");
-        let ca = params.self_signed(&ca_key).unwrap();
-        let pki = Pki {
-            ca,
-            ca_key,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        pki.write("ca.pem", &pki.ca.pem());
-        pki.issue("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth);
-        pki
-    }
-
-    fn write(&self, name: &str, text: &str) {
-        std::fs::write(self.dir.path().join(name), text).unwrap();
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    /// Writes `{name}.pem` and `{name}.key` for subject CN `cn`.
-    fn issue(&self, name: &str, cn: &str, usage: ExtendedKeyUsagePurpose) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![usage];
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        self.write(&format!("{name}.pem"), &cert.pem());
-        self.write(&format!("{name}.key"), &key.serialize_pem());
-    }
-
-    fn sluice_env(&self) -> Vec<(String, String)> {
-        vec![
-            (
-                "SLUICE_BROKER__TLS__CERT_FILE".into(),
-                self.path("server.pem"),
-            ),
-            (
-                "SLUICE_BROKER__TLS__KEY_FILE".into(),
-                self.path("server.key"),
-            ),
-            (
-                "SLUICE_BROKER__TLS__CLIENT_CA_FILE".into(),
-                self.path("ca.pem"),
-            ),
-        ]
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_fleets_with_passwords_and_with_client_certificates() {
     let pki = Pki::new();
-    let sluice = Sluice::start_with(
-        Options {
-            env: pki.sluice_env(),
-            ..Options::authenticated()
-        },
-        |_| {},
-    )
-    .await;
+    let sluice = Sluice::start_with(pki.authenticated_server(), |_| {}).await;
     let mqtts_port = sluice.mqtts_port.to_string();
     let ca = pki.path("ca.pem");
     let tls = [
@@ -463,7 +394,7 @@ async fn tls_fleets_with_passwords_and_with_client_certificates() {
     // Mutual TLS: each device its own certificate, CN = its id, no password.
     for id in ["tls-cert-0", "tls-cert-1"] {
         sluice.create_device(id).await;
-        pki.issue(id, id, ExtendedKeyUsagePurpose::ClientAuth);
+        pki.issue_files(id, id, ExtendedKeyUsagePurpose::ClientAuth);
     }
     let (cert, key) = (pki.path("{id}.pem"), pki.path("{id}.key"));
     let mut extra = tls.to_vec();

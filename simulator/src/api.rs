@@ -6,10 +6,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use sluice_proto::BearerToken;
 use sluice_proto::v1::LatestPointsRequest;
 use sluice_proto::v1::telemetry_client::TelemetryClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
@@ -18,38 +17,14 @@ use crate::args::ApiConfig;
 /// The metric every simulated message stores its `seq` under.
 pub const SEQ_METRIC: &str = "seq";
 
-/// Adds `authorization: Bearer <token>` to every call, when there is a token.
-#[derive(Debug, Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-pub type Telemetry = TelemetryClient<InterceptedService<Channel, Bearer>>;
+pub type Telemetry = TelemetryClient<InterceptedService<Channel, BearerToken>>;
 
 /// Connects to the API and makes one cheap call, so a refused token or a
 /// server without the Telemetry service shows now. `probe_device` is any
 /// device id (the call reads at most one point of it).
 pub async fn connect(api: &ApiConfig, timeout: Duration, probe_device: &str) -> Result<Telemetry> {
-    let bearer = match &api.token {
-        Some(token) => Some(
-            format!("Bearer {token}")
-                .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| anyhow!("--api-token holds characters a gRPC header cannot"))?,
-        ),
-        None => None,
-    };
+    let bearer = BearerToken::new(api.token.as_deref())
+        .map_err(|_| anyhow!("--api-token holds characters a gRPC header cannot"))?;
     let mut endpoint = Channel::from_shared(api.url.clone())
         .map_err(|e| anyhow!("--grpc {}: {e}", api.url))?
         .connect_timeout(timeout);
@@ -63,7 +38,7 @@ pub async fn connect(api: &ApiConfig, timeout: Duration, probe_device: &str) -> 
         .connect()
         .await
         .with_context(|| format!("cannot reach the gRPC API at {}", api.url))?;
-    let mut client = TelemetryClient::with_interceptor(channel, Bearer(bearer));
+    let mut client = TelemetryClient::with_interceptor(channel, bearer);
     let probe = LatestPointsRequest {
         device_ids: vec![probe_device.to_owned()],
         metrics: vec![SEQ_METRIC.to_owned()],

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod pki;
+
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, QoS};
 use sluice_ingest::managed::ManagedPostgres;
 use sluice_proto::v1::telemetry_client::TelemetryClient;
