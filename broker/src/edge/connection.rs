@@ -55,6 +55,11 @@ pub const ORIGIN_ANONYMOUS: u8 = 3;
 enum Violation {
     #[error("malformed packet: {0}")]
     Malformed(CodecError),
+    /// What rumqttc's parser lets through; the text names the spec clause.
+    #[error("malformed packet: {0}")]
+    Protocol(&'static str),
+    #[error("unsupported protocol level {0}")]
+    ProtocolLevel(u8),
     #[error("the first packet was not CONNECT, or a server-only packet arrived")]
     NotConnect,
     #[error("a second CONNECT")]
@@ -73,7 +78,8 @@ impl Violation {
     fn label(&self) -> &'static str {
         match self {
             Violation::Malformed(CodecError::PayloadSizeLimitExceeded(_)) => "oversized",
-            Violation::Malformed(_) => "malformed",
+            Violation::Malformed(_) | Violation::Protocol(_) => "malformed",
+            Violation::ProtocolLevel(_) => "protocol_level",
             Violation::NotConnect => "not_connect",
             Violation::SecondConnect => "second_connect",
             Violation::BadTopic(_) => "bad_topic",
@@ -109,11 +115,12 @@ impl Wire {
     }
 
     /// A packet already in the buffer, if there is a whole one.
-    fn decode(&mut self) -> Result<Option<Packet>, CodecError> {
+    fn decode(&mut self) -> Result<Option<Packet>, Violation> {
+        precheck(&self.read, self.max_packet)?;
         match Packet::read(&mut self.read, self.max_packet) {
             Ok(p) => Ok(Some(p)),
             Err(CodecError::InsufficientBytes(_)) => Ok(None),
-            Err(e) => Err(e),
+            Err(e) => Err(Violation::Malformed(e)),
         }
     }
 
@@ -121,7 +128,7 @@ impl Wire {
     /// cancelled.
     async fn read_packet(&mut self) -> Result<Read, ReadError> {
         loop {
-            if let Some(p) = self.decode().map_err(ReadError::Codec)? {
+            if let Some(p) = self.decode().map_err(ReadError::Violation)? {
                 return Ok(Read::Packet(p));
             }
             self.read.reserve(1024);
@@ -161,8 +168,100 @@ impl Wire {
 }
 
 enum ReadError {
-    Codec(CodecError),
+    Violation(Violation),
     Io(std::io::Error),
+}
+
+/// Checks on the raw bytes of the next packet what rumqttc's parser does
+/// not (it ignores these bits); Ok while the packet is still incomplete.
+fn precheck(buf: &[u8], max_packet: usize) -> Result<(), Violation> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(());
+    };
+    // [MQTT-2.2.2-2]: the fixed-header flags are reserved except for
+    // PUBLISH (whose QoS 3 the parser refuses, [MQTT-3.3.1-4]); PUBREL,
+    // SUBSCRIBE and UNSUBSCRIBE need 0b0010 [MQTT-3.6.1-1] [MQTT-3.8.1-1]
+    // [MQTT-3.10.1-1], every other packet 0.
+    let packet_type = byte1 >> 4;
+    let flags = match packet_type {
+        3 => None,
+        6 | 8 | 10 => Some(0b0010),
+        _ => Some(0),
+    };
+    if flags.is_some_and(|f| byte1 & 0x0f != f) {
+        return Err(Violation::Protocol(
+            "reserved fixed-header flags [MQTT-2.2.2-2]",
+        ));
+    }
+    if packet_type != 1 && packet_type != 8 {
+        return Ok(());
+    }
+    // The variable header and payload, once the whole packet is here (the
+    // parser reports framing errors itself).
+    let Ok(header) = rumqttc::mqttbytes::check(buf.iter(), max_packet) else {
+        return Ok(());
+    };
+    let start = 1 + buf[1..].iter().take_while(|b| *b & 0x80 != 0).count() + 1;
+    let body = &buf[start.min(header.frame_length())..header.frame_length()];
+    if packet_type == 1 {
+        check_connect(body)
+    } else {
+        check_subscribe(body)
+    }
+}
+
+/// CONNECT's protocol level and flags (§3.1.2).
+fn check_connect(body: &[u8]) -> Result<(), Violation> {
+    let Some(name_len) = body
+        .get(..2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    else {
+        return Ok(());
+    };
+    let (Some(name), Some(&level), Some(&flags)) = (
+        body.get(2..2 + name_len),
+        body.get(2 + name_len),
+        body.get(3 + name_len),
+    ) else {
+        return Ok(());
+    };
+    // A wrong protocol name is refused by the parser [MQTT-3.1.2-1].
+    if name == b"MQTT" && level != 4 {
+        // [MQTT-3.1.2-2]: CONNACK 0x01, then close.
+        return Err(Violation::ProtocolLevel(level));
+    }
+    if flags & 0x01 != 0 {
+        return Err(Violation::Protocol(
+            "CONNECT reserved flag set [MQTT-3.1.2-3]",
+        ));
+    }
+    if flags & 0x40 != 0 && flags & 0x80 == 0 {
+        return Err(Violation::Protocol(
+            "CONNECT password flag without user name flag [MQTT-3.1.2-22]",
+        ));
+    }
+    // Will QoS/retain without the will flag, and will QoS 3, are refused
+    // by the parser [MQTT-3.1.2-11] [MQTT-3.1.2-13] [MQTT-3.1.2-14] [MQTT-3.1.2-15].
+    Ok(())
+}
+
+/// The reserved bits of each requested QoS byte (§3.8.3).
+fn check_subscribe(body: &[u8]) -> Result<(), Violation> {
+    let mut at = 2; // packet identifier
+    while let Some(len) = body.get(at..at + 2) {
+        let options_at = at + 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+        match body.get(options_at) {
+            // [MQTT-3.8.3-4]: reserved bits non-zero is malformed.
+            Some(options) if options & 0xfc != 0 => {
+                return Err(Violation::Protocol(
+                    "SUBSCRIBE options reserved bits set [MQTT-3.8.3-4]",
+                ));
+            }
+            Some(_) => at = options_at + 1,
+            None => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 type AckFuture = Pin<Box<dyn Future<Output = (u16, QoS, Result<u64, SpoolError>)> + Send>>;
@@ -181,7 +280,12 @@ pub(crate) async fn serve(
         Ok(Ok(Read::Packet(Packet::Connect(c)))) => c,
         Ok(Ok(Read::Packet(_))) => return close(Violation::NotConnect, transport),
         Ok(Ok(Read::Closed)) | Ok(Err(ReadError::Io(_))) => return,
-        Ok(Err(ReadError::Codec(e))) => return close(Violation::Malformed(e), transport),
+        Ok(Err(ReadError::Violation(Violation::ProtocolLevel(level)))) => {
+            // [MQTT-3.1.2-2]: refuse with CONNACK 0x01, then close.
+            close(Violation::ProtocolLevel(level), transport);
+            return refuse(&mut wire, ConnectReturnCode::RefusedProtocolVersion).await;
+        }
+        Ok(Err(ReadError::Violation(v))) => return close(v, transport),
         Err(_) => {
             counter!("sluice_connect_timeouts_total").increment(1);
             debug!(transport, "no CONNECT in time; closed");
@@ -500,7 +604,7 @@ impl Session {
                             debug!(error = %e, "read failed");
                             return DisconnectReason::ConnectionLost;
                         }
-                        Err(ReadError::Codec(e)) => return self.violation(Violation::Malformed(e)),
+                        Err(ReadError::Violation(v)) => return self.violation(v),
                     }
                 }
                 _ = sleep_until(throttle), if throttle.is_some() => {
@@ -526,7 +630,7 @@ impl Session {
             if can_read {
                 match self.wire.decode() {
                     Ok(p) => next = p,
-                    Err(e) => return Some(self.violation(Violation::Malformed(e))),
+                    Err(v) => return Some(self.violation(v)),
                 }
             }
         }
@@ -584,6 +688,11 @@ impl Session {
                 self.subscribe(s).await;
                 Ok(None)
             }
+            // [MQTT-3.10.3-2]: at least one topic filter (the parser
+            // accepts none).
+            Packet::Unsubscribe(u) if u.topics.is_empty() => Err(Violation::Protocol(
+                "UNSUBSCRIBE without a topic filter [MQTT-3.10.3-2]",
+            )),
             Packet::Unsubscribe(u) => {
                 self.unsubscribe(u).await;
                 Ok(None)
