@@ -15,19 +15,7 @@ use tonic::transport::Channel;
 
 /// Runs `sluice tokens ARGS` against the test's database; its stdout.
 fn tokens_cli(sluice: &Sluice, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("tokens")
-        .args(args)
-        .env("DATABASE_URL", sluice.pg.database_url())
-        .current_dir(sluice.dir())
-        .output()
-        .expect("run sluice tokens");
-    assert!(
-        out.status.success(),
-        "sluice tokens {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    sluice.cli(&[&["tokens"], args].concat())
 }
 
 fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {

@@ -82,6 +82,19 @@ async fn credentials_decide_who_connects() {
             .await
             .is_ok()
     );
+    // Disabled by an operator after it connected (its secret verified and
+    // cached): refused from its next connect on, until enabled again.
+    sluice.cli(&["devices", "disable", "d1"]);
+    refused_with(
+        mqtt_connect(sluice.device_options("d1", &rotated)).await,
+        ConnectReturnCode::NotAuthorized,
+    );
+    sluice.cli(&["devices", "enable", "d1"]);
+    assert!(
+        mqtt_connect(sluice.device_options("d1", &rotated))
+            .await
+            .is_ok()
+    );
 
     let metrics = sluice.metrics().await;
     assert!(
@@ -483,6 +496,22 @@ async fn limits_throttle_refuse_and_time_out() {
         o.set_keep_alive(Duration::from_secs(30));
         o
     };
+    // The harness's readiness probe (a bare TCP connect) counts against the
+    // limit until the server has seen it close; on a busy machine that can
+    // take a moment, so wait for it.
+    sluice
+        .eventually(
+            "no connection left from the readiness probe",
+            Duration::from_secs(10),
+            || async {
+                let metrics = sluice.metrics().await;
+                (!metrics
+                    .lines()
+                    .any(|l| l.starts_with("sluice_connections{") && !l.ends_with(" 0")))
+                .then_some(())
+            },
+        )
+        .await;
     let mut a = mqtt_connect(opts("a")).await.unwrap();
     let b = mqtt_connect(opts("b")).await.unwrap();
     refused_with(

@@ -9,7 +9,6 @@ use rcgen::ExtendedKeyUsagePurpose;
 use sluice_proto::v1::QueryPointsRequest;
 use sluice_simulator::{Report, Verification, parse_args, run};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 use support::pki::Pki;
 use support::{Options, Sluice};
@@ -94,29 +93,12 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs `sluice ARGS` against the test's database, as an operator would;
-/// its stdout.
-fn sluice_cli(sluice: &Sluice, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("DATABASE_URL", sluice.pg.database_url())
-        .current_dir(sluice.dir())
-        .output()
-        .expect("run sluice");
-    assert!(
-        out.status.success(),
-        "sluice {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Registers devices with `sluice devices create` and writes the
 /// credentials file the way `--help` shows: `id,secret` per line.
 fn credentials_file(sluice: &Sluice, ids: &[&str], path: &Path) {
     let mut text = String::from("# sluice devices create, one line per device\n");
     for id in ids {
-        let secret = sluice_cli(sluice, &["devices", "create", id]);
+        let secret = sluice.cli(&["devices", "create", id]);
         text.push_str(&format!("{id},{}\n", secret.trim()));
     }
     std::fs::write(path, text).unwrap();
@@ -262,7 +244,7 @@ async fn an_authenticated_fleet_from_a_credentials_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("fleet.csv");
     credentials_file(&sluice, &["meter-a", "meter-b", "meter-c"], &file);
-    let token = sluice_cli(&sluice, &["tokens", "create", "sim", "--scope", "read"]);
+    let token = sluice.cli(&["tokens", "create", "sim", "--scope", "read"]);
     let token = token.trim();
 
     let report = simulate(sim_args(

@@ -234,6 +234,24 @@ impl Sluice {
         }
     }
 
+    /// Runs a `sluice` command on this server's database and data
+    /// directory (as an operator would beside it); returns its stdout and
+    /// fails the test if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .env("DATABASE_URL", self.pg.database_url())
+            .current_dir(self.dir())
+            .output()
+            .expect("run sluice");
+        assert!(
+            out.status.success(),
+            "sluice {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
