@@ -2,7 +2,8 @@
 
 use super::TelemetryService;
 use super::request::{
-    MAX_LISTED_DEVICES, check_names, closed_time_range, db_error, next_page, page_size, range_query,
+    MAX_LISTED_DEVICES, check_names, check_prefix, closed_time_range, db_error, next_page,
+    page_size, range_query,
 };
 use crate::api::cancel::QueryConnection;
 use crate::api::page_token::Kind;
@@ -20,6 +21,7 @@ impl TelemetryService {
     ) -> Result<ListDevicesWithDataResponse, Status> {
         let (start, end) = closed_time_range(r.start.as_ref(), r.end.as_ref())?;
         let limit = page_size(r.limit)?;
+        check_prefix(&r.device_id_prefix)?;
         let fingerprint = range_query(&[r.device_id_prefix.as_bytes()], start, end);
         let after =
             self.pages
@@ -57,6 +59,7 @@ impl TelemetryService {
         let (start, end) = closed_time_range(r.start.as_ref(), r.end.as_ref())?;
         let limit = page_size(r.limit)?;
         check_names(&r.device_ids, "device_ids", MAX_LISTED_DEVICES)?;
+        check_prefix(&r.device_id_prefix)?;
         if !r.device_ids.is_empty() && !r.device_id_prefix.is_empty() {
             return Err(Status::invalid_argument(
                 "device_id_prefix cannot be combined with device_ids",

@@ -5,7 +5,7 @@ use super::super::page_token::fingerprint;
 use chrono::{DateTime, TimeZone, Utc};
 use sluice_ingest::query::SeriesSelection;
 use tonic::Status;
-use tracing::error;
+use tracing::{error, warn};
 
 /// Rows per page when the request says 0.
 pub const DEFAULT_PAGE_SIZE: u32 = 1_000;
@@ -49,6 +49,7 @@ pub fn selection(
     }
     check_names(&device_ids, "device_ids", MAX_LISTED_DEVICES)?;
     check_names(&metrics, "metrics", MAX_LISTED_METRICS)?;
+    check_prefix(&device_prefix)?;
     Ok(SeriesSelection {
         device_ids,
         device_prefix,
@@ -205,8 +206,30 @@ pub fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
 }
 
 pub fn db_error(e: sqlx::Error) -> Status {
+    // SQLSTATE class 22 (data exception: a value PostgreSQL cannot take,
+    // such as text with a NUL byte) is the request's fault, and trying
+    // again would fail the same way.
+    if let Some(db) = e.as_database_error()
+        && db.code().is_some_and(|c| c.starts_with("22"))
+    {
+        warn!(error = %e, "query refused a value of the request");
+        return Status::invalid_argument(format!(
+            "the request holds a value the database refuses: {}",
+            db.message()
+        ));
+    }
     error!(error = %e, "query failed");
     Status::unavailable("the database could not answer; try again")
+}
+
+/// A `device_id_prefix`: PostgreSQL text cannot hold NUL.
+pub fn check_prefix(prefix: &str) -> Result<(), Status> {
+    if prefix.contains('\0') {
+        return Err(Status::invalid_argument(
+            "device_id_prefix holds a NUL character",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
