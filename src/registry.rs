@@ -4,6 +4,7 @@
 use sluice_broker::{BoxFuture, DeviceCredential, DeviceRegistry};
 use sluice_ingest::devices;
 use sqlx::PgPool;
+use std::collections::HashMap;
 
 pub struct PgDeviceRegistry {
     pool: PgPool,
@@ -30,6 +31,29 @@ impl DeviceRegistry for PgDeviceRegistry {
                     })
                 })
                 .map_err(|e| e.to_string())
+        })
+    }
+
+    fn credentials_of<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<HashMap<String, DeviceCredential>, String>> {
+        Box::pin(async move {
+            let rows = devices::credentials_of(&self.pool, ids)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(rows
+                .into_iter()
+                .map(|(id, secret_hash, enabled)| {
+                    (
+                        id,
+                        DeviceCredential {
+                            secret_hash,
+                            enabled,
+                        },
+                    )
+                })
+                .collect())
         })
     }
 

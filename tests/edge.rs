@@ -683,22 +683,48 @@ async fn a_second_connection_with_the_same_id_takes_over() {
     sluice.stop();
 }
 
+/// A metric's value (the sum over lines that start with `name`).
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bad_logins_does_not_lock_out_the_real_device() {
-    let sluice = Sluice::start_with(Options::authenticated(), |_| {}).await;
+    // One hash slot, a short queue and a short wait for it, so the flood
+    // overflows.
+    let sluice = Sluice::start_with(
+        Options {
+            env: vec![
+                ("SLUICE_BROKER__AUTH_CONCURRENCY".into(), "1".into()),
+                ("SLUICE_BROKER__AUTH_QUEUE".into(), "8".into()),
+                ("SLUICE_BROKER__AUTH_TIMEOUT_MS".into(), "300".into()),
+            ],
+            ..Options::authenticated()
+        },
+        |_| {},
+    )
+    .await;
     let secret = sluice.create_device("real").await;
     // The first good login is hashed and cached.
     mqtt_connect(sluice.device_options("real", &secret))
         .await
         .unwrap()
         .kill();
+    let hashes_before = metric(&sluice.metrics().await, "sluice_auth_hash_checks_total");
+    assert_eq!(hashes_before, 1.0);
 
-    // 40 wrong passwords at once: they queue for the two hash slots.
-    let flood: Vec<_> = (0..40)
-        .map(|i| {
-            let opts = sluice.device_options("real", &format!("guess-{i}"));
-            tokio::spawn(async move { mqtt_connect(opts).await.err() })
-        })
+    // 40 wrong passwords for the real id and 20 logins as ids that do not
+    // exist, all at once.
+    const WRONG: usize = 40;
+    const UNKNOWN: usize = 20;
+    let flood: Vec<_> = (0..WRONG)
+        .map(|i| sluice.device_options("real", &format!("guess-{i}")))
+        .chain((0..UNKNOWN).map(|i| sluice.device_options(&format!("nobody-{i}"), "x")))
+        .map(|opts| tokio::spawn(async move { mqtt_connect(opts).await.err() }))
         .collect();
     // Meanwhile the real device reconnects: a cache hit needs no slot.
     for _ in 0..5 {
@@ -706,20 +732,134 @@ async fn a_flood_of_bad_logins_does_not_lock_out_the_real_device() {
         assert!(c.is_ok(), "the real device was refused: {:?}", c.err());
         c.unwrap().kill();
     }
+    let (mut bad, mut overloaded) = (0, 0);
     for attempt in flood {
         let refusal = attempt
             .await
             .unwrap()
             .expect("a wrong password was accepted");
-        assert!(
-            refusal.contains("BadUserNamePassword") || refusal.contains("ServiceUnavailable"),
-            "{refusal}"
-        );
+        if refusal.contains("BadUserNamePassword") {
+            bad += 1;
+        } else if refusal.contains("ServiceUnavailable") {
+            overloaded += 1;
+        } else {
+            panic!("unexpected refusal {refusal}");
+        }
     }
+    eprintln!("flood: {bad} refused with CONNACK 4, {overloaded} with CONNACK 3 (overloaded)");
+
+    // Every attempt is accounted for, under its reason: unknown ids cost
+    // no hash; wrong secrets cost one each only if they got a hash slot,
+    // the rest (queue full, or waited too long) were told to come back
+    // later; the real device's reconnects cost none.
     let metrics = sluice.metrics().await;
-    assert!(
-        metrics.contains("sluice_auth_cache_hits_total"),
+    let refused = |reason: &str| {
+        metric(
+            &metrics,
+            &format!("sluice_auth_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(refused("unknown_device"), UNKNOWN as f64, "{metrics}");
+    assert_eq!(
+        refused("bad_secret") + refused("unknown_device"),
+        bad as f64
+    );
+    assert_eq!(refused("auth_overloaded"), overloaded as f64);
+    assert_eq!(bad + overloaded, WRONG + UNKNOWN);
+    assert_eq!(
+        metric(&metrics, "sluice_auth_hash_checks_total"),
+        hashes_before + refused("bad_secret"),
         "{metrics}"
     );
+    assert!(metric(&metrics, "sluice_auth_cache_hits_total") >= 5.0);
+    sluice.stop();
+}
+
+/// Connects a device and checks it is let in.
+async fn connected(sluice: &Sluice, id: &str, secret: &str) -> MqttConn {
+    mqtt_connect(sluice.device_options(id, secret))
+        .await
+        .unwrap_or_else(|e| panic!("{id} was refused: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_revoked_while_connected_are_closed() {
+    let sluice = Sluice::start_with(
+        Options {
+            env: vec![("SLUICE_BROKER__CREDENTIAL_CHECK_MS".into(), "500".into())],
+            ..Options::authenticated()
+        },
+        |_| {},
+    )
+    .await;
+    let s1 = sluice.create_device("d1").await;
+    let s2 = sluice.create_device("d2").await;
+    let s3 = sluice.create_device("d3").await;
+    let bystander_secret = sluice.create_device("bystander").await;
+    let mut d1 = connected(&sluice, "d1", &s1).await;
+    let mut d2 = connected(&sluice, "d2", &s2).await;
+    let mut d3 = connected(&sluice, "d3", &s3).await;
+    let mut bystander = connected(&sluice, "bystander", &bystander_secret).await;
+
+    // Disabled by an operator while connected: the open connection is
+    // closed (within credential_check_ms plus one query), refused while
+    // disabled, and let in again once enabled.
+    sluice.cli(&["devices", "disable", "d1"]);
+    d1.closed().await;
+    refused_with(
+        mqtt_connect(sluice.device_options("d1", &s1)).await,
+        ConnectReturnCode::NotAuthorized,
+    );
+    let device = sluice
+        .eventually("d1 recorded offline", Duration::from_secs(10), || async {
+            let d = sluice_ingest::devices::get(&sluice.db, "d1").await.unwrap();
+            (!d.online).then_some(d)
+        })
+        .await;
+    assert!(device.last_disconnect_at.is_some());
+    sluice.cli(&["devices", "enable", "d1"]);
+    let mut d1 = connected(&sluice, "d1", &s1).await;
+
+    // A rotated secret closes the session opened with the old one (it may
+    // have leaked); the new secret gets in, the old one no longer does.
+    let rotated = sluice_ingest::devices::rotate_secret(&sluice.db, "d2")
+        .await
+        .unwrap();
+    d2.closed().await;
+    refused_with(
+        mqtt_connect(sluice.device_options("d2", &s2)).await,
+        ConnectReturnCode::BadUserNamePassword,
+    );
+    let _d2 = connected(&sluice, "d2", &rotated).await;
+
+    // A deleted device is closed too.
+    sluice_ingest::devices::delete(&sluice.db, "d3")
+        .await
+        .unwrap();
+    d3.closed().await;
+
+    // The others were never disturbed: the re-enabled d1 and the bystander
+    // publish as before.
+    for (id, conn) in [("d1", &mut d1), ("bystander", &mut bystander)] {
+        conn.client
+            .publish(
+                format!("devices/{id}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                r#"{"ok":1}"#,
+            )
+            .await
+            .unwrap();
+        wait_puback(conn).await;
+    }
+
+    let metrics = sluice.metrics().await;
+    for line in [
+        "sluice_disconnects_total{reason=\"device_disabled\"} 1",
+        "sluice_disconnects_total{reason=\"secret_rotated\"} 1",
+        "sluice_disconnects_total{reason=\"device_deleted\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line}:\n{metrics}");
+    }
     sluice.stop();
 }

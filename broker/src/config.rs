@@ -43,6 +43,19 @@ pub struct BrokerConfig {
     pub publish_burst: u32,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout_ms: u64,
+    /// Once a client has sent the first byte of a packet, the rest must
+    /// arrive within this time (while Sluice is reading), or the connection
+    /// is closed (`packet_timeout`). Keep-alive alone does not bound a
+    /// stalled packet from a client whose keep-alive is 0.
+    pub packet_timeout_ms: u64,
+    /// A write to a client that makes no progress for this long (the client
+    /// stopped reading and its receive window is full) closes the
+    /// connection (`write_timeout`) instead of holding it open for ever.
+    pub write_timeout_ms: u64,
+    /// How often the edge re-reads the registry entries of connected
+    /// devices, closing the connections of devices disabled, deleted or
+    /// given a new secret since they connected.
+    pub credential_check_ms: u64,
     /// QoS 1/2 publishes from one client awaiting their acknowledgement;
     /// past it Sluice stops reading that client's socket.
     pub max_inflight: usize,
@@ -52,6 +65,10 @@ pub struct BrokerConfig {
     pub auth_cache_entries: usize,
     /// A login waiting longer than this for a password check gets CONNACK 3.
     pub auth_timeout_ms: u64,
+    /// Logins that may wait for a password check at once; more get
+    /// CONNACK 3 at once. Each waiter holds a connection, so this keeps a
+    /// flood of wrong secrets from filling `max_connections`.
+    pub auth_queue: usize,
     /// The router keeps each subscription's messages in an in-memory log of
     /// `log_segment_count` segments of `log_segment_bytes`; a subscriber
     /// that falls further behind skips ahead (the pipeline does not read
@@ -96,10 +113,14 @@ impl Default for BrokerConfig {
             max_publish_rate: 1_000.0,
             publish_burst: 2_000,
             connect_timeout_ms: 5_000,
+            packet_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            credential_check_ms: 5_000,
             max_inflight: 100,
             auth_concurrency: 2,
             auth_cache_entries: 100_000,
             auth_timeout_ms: 10_000,
+            auth_queue: 256,
             log_segment_bytes: 16 * 1024 * 1024,
             log_segment_count: 8,
             connection_threads: 2,

@@ -159,6 +159,7 @@ impl Broker {
         for listener in self.listeners.drain(..) {
             rt.spawn(edge::accept_loop(shared.clone(), listener));
         }
+        rt.spawn(edge::revocation::run(shared.clone()));
     }
 
     pub fn publisher(&self) -> Publisher {

@@ -20,12 +20,27 @@
 //!   topic (u16 length + bytes), payload (u32 length + bytes)`. A segment is
 //!   closed once it reaches `segment_bytes`, so it may run over by one group.
 //! - `checkpoint`: the checkpointed seq (u64) and its crc32, replaced
-//!   atomically (temp file, fsync, rename, directory fsync).
+//!   atomically: written into `checkpoint.tmp`, fsynced, then swapped with
+//!   it (`renameat2(RENAME_EXCHANGE)` where available, else a rename) and
+//!   the directory fsynced. The swap keeps both files, so once they exist a
+//!   checkpoint is saved by overwriting allocated bytes: it needs no free
+//!   space, and on a full disk the checkpoint still advances and deletes
+//!   the segments it covers.
 //! - `lock`: held (flock) while the spool is open, so two spools never write
 //!   the same directory.
 //!
 //! Appends wait while the un-checkpointed bytes exceed `max_bytes`; segments
 //! go whole, so the disk holds at most about `max_bytes` plus one segment.
+//!
+//! A full disk (ENOSPC, EDQUOT) while writing or starting a segment is
+//! waited out, not fatal: the writer cuts the segment back to its durable
+//! length (a write cut short leaves a torn frame), keeps the group and
+//! retries with capped backoff. Its appenders' [`Durable`]s stay pending,
+//! so the edge stops acknowledging and, at `max_inflight`, stops reading
+//! those clients; later appends queue within the usual bounds. Space
+//! comes back when the operator frees some or when the checkpoint deletes
+//! drained segments. Every other I/O error, and any failed fsync, stops
+//! the writer for good ([`Writer::fail`]).
 
 use bytes::{Buf, BufMut, Bytes};
 use metrics::{counter, gauge, histogram};
@@ -37,7 +52,7 @@ use std::future::Future;
 use std::io::{self, BufReader, Read, Take, Write};
 use std::path::{Path, PathBuf};
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -65,6 +80,15 @@ const BODY_FIXED_LEN: u64 = 8 + 8 + 4 + 2 + 2 + 4;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 /// A failed checkpoint write (disk full, say) is retried this much later.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+/// The writer's first wait after a full disk refused a group, doubled at
+/// each refusal up to [`DISK_FULL_MAX_BACKOFF`]: short enough to resume
+/// soon after space returns, long enough not to spin on a disk that stays full.
+const DISK_FULL_FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const DISK_FULL_MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// A disk that fills again this soon after it had room (a drain freeing a
+/// segment at a time under steady load) continues the last report rather
+/// than logging a new warning each time.
+const DISK_FULL_LOG_QUIET: Duration = Duration::from_secs(30);
 /// How often the age gauge is refreshed when nothing else happens, so a
 /// stalled pipeline shows up as a growing age.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
@@ -177,6 +201,23 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     }
 }
 
+/// ENOSPC or EDQUOT: the file system (or the user's quota) has no room.
+/// Such a write changed nothing that matters once cut back, so it can be
+/// retried; other errors cannot be told apart from a failing device.
+fn is_no_space(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+impl SpoolError {
+    /// An I/O error because the disk (or quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. } if is_no_space(source))
+    }
+}
+
 fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> SpoolError {
     SpoolError::Corrupt {
         path: path.to_path_buf(),
@@ -195,6 +236,8 @@ pub struct SpoolStats {
     pub full_waits: u64,
     /// Records found after the checkpoint at open.
     pub records_replayed: u64,
+    /// Group writes refused by a full disk and retried.
+    pub disk_full_retries: u64,
 }
 
 #[derive(Default)]
@@ -203,6 +246,7 @@ struct Stats {
     fsyncs: AtomicU64,
     full_waits: AtomicU64,
     records_replayed: AtomicU64,
+    disk_full_retries: AtomicU64,
 }
 
 impl Stats {
@@ -212,6 +256,7 @@ impl Stats {
             fsyncs: self.fsyncs.load(Ordering::Relaxed),
             full_waits: self.full_waits.load(Ordering::Relaxed),
             records_replayed: self.records_replayed.load(Ordering::Relaxed),
+            disk_full_retries: self.disk_full_retries.load(Ordering::Relaxed),
         }
     }
 }
@@ -233,6 +278,7 @@ pub fn open(
     let checkpoint = read_checkpoint(dir)?;
     let granularity = config.max_bytes / INDEX_POINTS;
     let recovered = recover(dir, checkpoint, granularity)?;
+    prepare_checkpoint_files(dir, checkpoint);
     report_open(dir, &recovered);
 
     let shared = Arc::new(Shared::new(dir, config, &recovered));
@@ -279,6 +325,7 @@ fn report_open(dir: &Path, recovered: &Recovered) {
     counter!("sluice_spool_records_replayed_total").increment(recovered.replayed);
     gauge!("sluice_spool_pending_bytes").set(recovered.pending_bytes as f64);
     gauge!("sluice_spool_pending_records").set(recovered.replayed as f64);
+    gauge!("sluice_spool_disk_full").set(0.0);
     info!(
         dir = %dir.display(),
         checkpoint = recovered.checkpoint,
@@ -596,13 +643,73 @@ fn write_checkpoint(dir: &Path, seq: u64) -> Result<(), SpoolError> {
     bytes.put_u64_le(seq);
     bytes.put_u32_le(crc32fast::hash(&seq.to_le_bytes()));
     let tmp = dir.join(CHECKPOINT_TMP);
-    let mut file = File::create(&tmp).map_err(io_at(&tmp))?;
+    // Not truncated: overwriting the spare's bytes in place needs no free
+    // space. A write cut short leaves only the spare torn, which is never read.
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&tmp)
+        .map_err(io_at(&tmp))?;
     file.write_all(&bytes)
+        .and_then(|()| file.set_len(CHECKPOINT_LEN as u64))
         .and_then(|()| file.sync_all())
         .map_err(io_at(&tmp))?;
+    drop(file);
     let path = dir.join(CHECKPOINT_FILE);
-    fs::rename(&tmp, &path).map_err(io_at(&path))?;
+    replace_keeping_spare(dir, &path)?;
     sync_dir(dir)
+}
+
+/// Makes `checkpoint` (with the value read at open, so nothing changes)
+/// and its spare if they are missing, so that even the first checkpoint
+/// saved after open needs no free space. Best effort: whatever is missing
+/// is made by the next checkpoint (which on a full disk waits for room).
+fn prepare_checkpoint_files(dir: &Path, checkpoint: u64) {
+    if !dir.join(CHECKPOINT_FILE).exists()
+        && let Err(e) = write_checkpoint(dir, checkpoint)
+    {
+        debug!(error = %e, "cannot write the spool checkpoint at open");
+    }
+    let tmp = dir.join(CHECKPOINT_TMP);
+    let made = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(&[0; CHECKPOINT_LEN]));
+    match made {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => debug!(error = %e, "cannot prepare the spare checkpoint file"),
+    }
+}
+
+/// Puts `checkpoint.tmp` in place of `checkpoint`, atomically, keeping the
+/// old checkpoint's file as the next spare where the platform can swap.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn replace_keeping_spare(dir: &Path, path: &Path) -> Result<(), SpoolError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{RenameFlags, renameat2};
+    let handle = File::open(dir).map_err(io_at(dir))?;
+    match renameat2(
+        &handle,
+        CHECKPOINT_TMP,
+        &handle,
+        CHECKPOINT_FILE,
+        RenameFlags::RENAME_EXCHANGE,
+    ) {
+        Ok(()) => Ok(()),
+        // No checkpoint yet, or a file system or kernel that cannot swap.
+        Err(Errno::ENOENT | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+            fs::rename(dir.join(CHECKPOINT_TMP), path).map_err(io_at(path))
+        }
+        Err(errno) => Err(io_at(path)(io::Error::from(errno))),
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn replace_keeping_spare(dir: &Path, path: &Path) -> Result<(), SpoolError> {
+    fs::rename(dir.join(CHECKPOINT_TMP), path).map_err(io_at(path))
 }
 
 // ---------------------------------------------------------------------------
@@ -884,9 +991,11 @@ struct Shared {
     /// Serialises checkpoint file writes between the background thread and `flush`.
     persist_lock: Mutex<()>,
     stats: Stats,
-    /// Makes the writer's next write fail, to test what follows a disk error.
+    /// The writer is waiting for the disk to have room (the gauge
+    /// `sluice_spool_disk_full`).
+    disk_full: AtomicBool,
     #[cfg(test)]
-    inject_write_error: std::sync::atomic::AtomicBool,
+    faults: faults::Faults,
 }
 
 impl Shared {
@@ -927,8 +1036,9 @@ impl Shared {
             ckpt_cv: Condvar::new(),
             persist_lock: Mutex::new(()),
             stats,
+            disk_full: AtomicBool::new(false),
             #[cfg(test)]
-            inject_write_error: std::sync::atomic::AtomicBool::new(false),
+            faults: faults::Faults::default(),
         }
     }
 
@@ -1065,6 +1175,8 @@ impl Shared {
             (state.requested, state.persisted)
         };
         if target > persisted {
+            #[cfg(test)]
+            self.faults.on_checkpoint(&self.dir)?;
             write_checkpoint(&self.dir, target)?;
             lock(&self.ckpt).persisted = target;
             debug!(checkpoint = target, "spool checkpoint persisted");
@@ -1282,6 +1394,10 @@ struct Writer {
     fsync: bool,
     granularity: u64,
     buf: Vec<u8>,
+    /// Set while a full disk holds the current group back.
+    disk_full: Option<DiskFull>,
+    /// When the last such episode ended.
+    disk_full_ended: Option<Instant>,
     _dir_lock: Arc<File>,
 }
 
@@ -1289,6 +1405,31 @@ struct Segment {
     first_seq: u64,
     file: File,
     len: u64,
+}
+
+/// One stretch of time during which the disk had no room for the writer.
+struct DiskFull {
+    since: Instant,
+    retries: u64,
+    backoff: Duration,
+    /// Reported at warn level (else at debug: see [`DISK_FULL_LOG_QUIET`]).
+    loud: bool,
+}
+
+/// Why a group was not written.
+enum WriteFailure {
+    /// The disk or quota is full; the segment is back at its durable
+    /// length, so the same group can be written again.
+    NoSpace(SpoolError),
+    /// Anything else: the writer stops.
+    Fatal(SpoolError),
+}
+
+/// Why the writer stopped before its queue closed normally.
+enum Stop {
+    Failed(SpoolError),
+    /// Every appender went (shutdown) while a full disk held the group back.
+    ClosedWhileFull,
 }
 
 impl Writer {
@@ -1317,6 +1458,8 @@ impl Writer {
             fsync: config.fsync,
             granularity,
             buf: Vec::new(),
+            disk_full: None,
+            disk_full_ended: None,
             _dir_lock: dir_lock,
         })
     }
@@ -1324,9 +1467,16 @@ impl Writer {
     fn run(mut self) {
         let mut group = Vec::with_capacity(self.group_max.min(1024));
         while self.collect(&mut group) {
-            if let Err(error) = self.commit(&mut group) {
-                self.fail(error, group);
-                return;
+            match self.commit(&mut group) {
+                Ok(()) => {}
+                Err(Stop::Failed(error)) => {
+                    self.fail(error, group);
+                    return;
+                }
+                Err(Stop::ClosedWhileFull) => {
+                    self.abandon(group);
+                    break;
+                }
             }
         }
         self.shared.set_writer_state(WriterState::Closed);
@@ -1354,15 +1504,19 @@ impl Writer {
         true
     }
 
-    fn commit(&mut self, group: &mut Vec<Pending>) -> Result<(), SpoolError> {
+    /// Writes the group (waiting out a full disk) and reports it durable.
+    fn commit(&mut self, group: &mut Vec<Pending>) -> Result<(), Stop> {
         let started = Instant::now();
         let first_seq = self.next_seq;
-        let mut segment = self.segment_with_room(first_seq)?;
         self.encode(group, first_seq);
-        let written = self.write(&mut segment);
-        let durable = (segment.first_seq, segment.len);
-        self.active = Some(segment);
-        written?;
+        let durable = loop {
+            match self.write_group(first_seq) {
+                Ok(durable) => break durable,
+                Err(WriteFailure::NoSpace(error)) => self.wait_for_space(&error)?,
+                Err(WriteFailure::Fatal(error)) => return Err(Stop::Failed(error)),
+            }
+        };
+        self.space_returned();
         let bytes = self.buf.len() as u64;
         self.next_seq = first_seq + group.len() as u64;
         self.publish(first_seq, group, bytes, durable);
@@ -1385,22 +1539,89 @@ impl Writer {
         Ok(())
     }
 
-    fn segment_with_room(&mut self, first_seq: u64) -> Result<Segment, SpoolError> {
+    /// One attempt at the encoded group; on success, where the segment's
+    /// durable end now is.
+    fn write_group(&mut self, first_seq: u64) -> Result<(u64, u64), WriteFailure> {
+        let mut segment = self.segment_with_room(first_seq)?;
+        let written = self.write(&mut segment);
+        let durable = (segment.first_seq, segment.len);
+        self.active = Some(segment);
+        written.map(|()| durable)
+    }
+
+    /// A full disk refused the group: reports it (once per episode), then
+    /// waits before the next attempt. Gives up only when no appender is
+    /// left to wait for the answer.
+    fn wait_for_space(&mut self, error: &SpoolError) -> Result<(), Stop> {
+        if self.rx.is_closed() {
+            return Err(Stop::ClosedWhileFull);
+        }
+        let loud = self
+            .disk_full_ended
+            .is_none_or(|ended| ended.elapsed() >= DISK_FULL_LOG_QUIET);
+        let episode = self.disk_full.get_or_insert_with(|| {
+            const MESSAGE: &str =
+                "spool disk full: holding back acknowledgements and retrying until there is room";
+            if loud {
+                warn!(%error, "{MESSAGE}");
+            } else {
+                debug!(%error, "{MESSAGE}");
+            }
+            gauge!("sluice_spool_disk_full").set(1.0);
+            DiskFull {
+                since: Instant::now(),
+                retries: 0,
+                backoff: DISK_FULL_FIRST_BACKOFF,
+                loud,
+            }
+        });
+        self.shared.disk_full.store(true, Ordering::Release);
+        episode.retries += 1;
+        self.shared
+            .stats
+            .disk_full_retries
+            .fetch_add(1, Ordering::Relaxed);
+        counter!("sluice_spool_disk_full_retries_total").increment(1);
+        let wait = episode.backoff;
+        episode.backoff = (wait * 2).min(DISK_FULL_MAX_BACKOFF);
+        std::thread::sleep(wait);
+        Ok(())
+    }
+
+    fn space_returned(&mut self) {
+        let Some(episode) = self.end_disk_full() else {
+            return;
+        };
+        let (retries, waited_ms) = (episode.retries, episode.since.elapsed().as_millis() as u64);
+        const MESSAGE: &str = "spool disk has room again; writing resumed";
+        if episode.loud {
+            info!(retries, waited_ms, "{MESSAGE}");
+        } else {
+            debug!(retries, waited_ms, "{MESSAGE}");
+        }
+    }
+
+    fn segment_with_room(&mut self, first_seq: u64) -> Result<Segment, WriteFailure> {
         match self.active.take() {
             Some(segment) if segment.len < self.segment_bytes => Ok(segment),
             _ => self.create_segment(first_seq),
         }
     }
 
-    fn create_segment(&self, first_seq: u64) -> Result<Segment, SpoolError> {
+    fn create_segment(&self, first_seq: u64) -> Result<Segment, WriteFailure> {
         let path = segment_path(&self.shared.dir, first_seq);
+        #[cfg(test)]
+        if faults::take(&self.shared.faults.no_space_creates) {
+            return Err(WriteFailure::NoSpace(io_at(&path)(faults::no_space())));
+        }
+        // A directory with no room for another entry refuses the file; nothing was made.
         let file = OpenOptions::new()
             .append(true)
             .create_new(true)
             .open(&path)
-            .map_err(io_at(&path))?;
+            .map_err(|e| classify(&path, e))?;
         if self.fsync {
-            sync_dir(&self.shared.dir)?;
+            sync_dir(&self.shared.dir).map_err(WriteFailure::Fatal)?;
         }
         lock(&self.shared.log).segments.push_back(first_seq);
         debug!(segment = %path.display(), "spool segment started");
@@ -1420,22 +1641,54 @@ impl Writer {
         }
     }
 
-    fn write(&self, segment: &mut Segment) -> Result<(), SpoolError> {
+    fn write(&self, segment: &mut Segment) -> Result<(), WriteFailure> {
         let path = segment_path(&self.shared.dir, segment.first_seq);
-        #[cfg(test)]
-        if self.shared.inject_write_error.load(Ordering::Relaxed) {
-            return Err(io_at(&path)(io::Error::other("injected write error")));
+        if let Err(error) = self.write_bytes(segment) {
+            if !is_no_space(&error) {
+                return Err(WriteFailure::Fatal(io_at(&path)(error)));
+            }
+            // Part of the group may be in the file, ending in a torn frame.
+            // None of it was reported durable; cut it off so that the retry
+            // appends right after the last durable frame. The cut needs no
+            // fsync: the retry's fdatasync makes the length durable, and a
+            // crash before it leaves a torn tail that recovery cuts again
+            // (this is the newest segment).
+            segment
+                .file
+                .set_len(segment.len)
+                .map_err(|e| WriteFailure::Fatal(io_at(&path)(e)))?;
+            return Err(WriteFailure::NoSpace(io_at(&path)(error)));
         }
-        segment.file.write_all(&self.buf).map_err(io_at(&path))?;
         segment.len += self.buf.len() as u64;
         if self.fsync {
             let started = Instant::now();
-            segment.file.sync_data().map_err(io_at(&path))?;
+            #[cfg(test)]
+            if self.shared.faults.fsync_error.load(Ordering::Relaxed) {
+                return Err(WriteFailure::Fatal(io_at(&path)(io::Error::other(
+                    "injected fsync error",
+                ))));
+            }
+            // Always fatal, full disk or not: after a failed fsync the
+            // kernel may have dropped the dirty pages, so what the page
+            // cache shows cannot be trusted to be what is on disk.
+            segment
+                .file
+                .sync_data()
+                .map_err(|e| WriteFailure::Fatal(io_at(&path)(e)))?;
             histogram!("sluice_spool_fsync_seconds").record(started.elapsed().as_secs_f64());
             counter!("sluice_spool_fsyncs_total").increment(1);
             self.shared.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// The group's bytes into the segment (O_APPEND: at its end).
+    fn write_bytes(&self, segment: &mut Segment) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(injected) = self.shared.faults.on_write(&mut segment.file, &self.buf) {
+            return Err(injected);
+        }
+        segment.file.write_all(&self.buf)
     }
 
     /// Lets the reader see the group and indexes its bytes for the checkpoint.
@@ -1464,9 +1717,10 @@ impl Writer {
         self.shared.log_cv.notify_all();
     }
 
-    /// A write or fsync failed: whether any of it reached the disk is
-    /// unknown (and after a failed fsync the page cache cannot be trusted),
-    /// so nothing queued is reported durable and the spool stops taking appends.
+    /// A write or fsync failed other than for a full disk: whether any of it
+    /// reached the disk is unknown (and after a failed fsync the page cache
+    /// cannot be trusted), so nothing queued is reported durable and the
+    /// spool stops taking appends.
     fn fail(mut self, error: SpoolError, group: Vec<Pending>) {
         error!(%error, "spool writer failed; appends are refused from now on");
         let error = Arc::new(error);
@@ -1478,6 +1732,42 @@ impl Writer {
         }
         self.shared.set_writer_state(WriterState::Failed(error));
         self.shared.notify_space();
+    }
+
+    /// The spool is closing while the disk is still full: what is not
+    /// written never will be. None of it was acknowledged (its clients send
+    /// it again); what is durable stays readable.
+    fn abandon(&mut self, group: Vec<Pending>) {
+        let queued = std::iter::from_fn(|| self.rx.blocking_recv());
+        let mut lost = 0u64;
+        for pending in group.into_iter().chain(queued) {
+            lost += 1;
+            let _ = pending.done.send(Err(SpoolError::Closed));
+        }
+        warn!(
+            records = lost,
+            "spool closed while its disk was full: records not yet written were dropped \
+             unacknowledged"
+        );
+        self.end_disk_full();
+    }
+
+    /// Clears the disk-full report; returns the episode that ended, if any.
+    fn end_disk_full(&mut self) -> Option<DiskFull> {
+        let episode = self.disk_full.take()?;
+        self.disk_full_ended = Some(Instant::now());
+        self.shared.disk_full.store(false, Ordering::Release);
+        gauge!("sluice_spool_disk_full").set(0.0);
+        Some(episode)
+    }
+}
+
+/// A full disk is worth waiting for; any other error is not.
+fn classify(path: &Path, error: io::Error) -> WriteFailure {
+    if is_no_space(&error) {
+        WriteFailure::NoSpace(io_at(path)(error))
+    } else {
+        WriteFailure::Fatal(io_at(path)(error))
     }
 }
 
@@ -1760,6 +2050,11 @@ impl SpoolCheckpoint {
     pub fn stats(&self) -> SpoolStats {
         self.inner.shared.stats.snapshot()
     }
+
+    /// The writer is waiting for room on a full disk (appends wait meanwhile).
+    pub fn disk_full(&self) -> bool {
+        self.inner.shared.disk_full.load(Ordering::Acquire)
+    }
 }
 
 impl fmt::Debug for SpoolCheckpoint {
@@ -1775,6 +2070,9 @@ impl fmt::Debug for SpoolCheckpoint {
 /// and once more when the last [`SpoolCheckpoint`] goes.
 fn run_checkpointer(shared: Arc<Shared>, _dir_lock: Arc<File>) {
     let mut next_write = Instant::now();
+    // Failures since the last success: a full disk is reported once, not
+    // at every retry.
+    let mut failing = 0u64;
     loop {
         let state = lock(&shared.ckpt);
         let due = state.requested > state.persisted;
@@ -1795,14 +2093,97 @@ fn run_checkpointer(shared: Arc<Shared>, _dir_lock: Arc<File>) {
         }
         drop(state);
         match shared.persist_checkpoint() {
-            Ok(()) => next_write = Instant::now() + CHECKPOINT_INTERVAL,
+            Ok(()) => {
+                if failing > 0 {
+                    info!(failures = failing, "spool checkpoint persisted again");
+                    failing = 0;
+                }
+                next_write = Instant::now() + CHECKPOINT_INTERVAL;
+            }
             Err(error) => {
-                error!(%error, "cannot persist the spool checkpoint");
+                failing += 1;
+                if !error.is_disk_full() {
+                    error!(%error, "cannot persist the spool checkpoint");
+                } else if failing == 1 {
+                    warn!(%error, "spool disk full: the checkpoint waits for room");
+                } else {
+                    debug!(%error, "spool checkpoint still waits for room");
+                }
                 if stopping {
                     return;
                 }
                 next_write = Instant::now() + CHECKPOINT_RETRY;
             }
+        }
+    }
+}
+
+/// Failures a unit test injects into the writer and the checkpoint, to
+/// see what follows a full disk or a failing device.
+#[cfg(test)]
+mod faults {
+    use std::fs::{File, OpenOptions};
+    use std::io::{self, Write};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    #[derive(Default)]
+    pub(super) struct Faults {
+        /// Group writes still to be cut short by a full disk (`u64::MAX`:
+        /// until the test sets 0).
+        pub no_space_writes: AtomicU64,
+        /// Segment creations still to be refused by a full disk.
+        pub no_space_creates: AtomicU64,
+        /// Checkpoint writes still to be refused by a full disk.
+        pub no_space_checkpoints: AtomicU64,
+        /// The next group write fails as a failing device would (EIO).
+        pub write_error: AtomicBool,
+        /// Every fsync of a segment fails.
+        pub fsync_error: AtomicBool,
+    }
+
+    /// Takes one from `counter` if it is above 0.
+    pub(super) fn take(counter: &AtomicU64) -> bool {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    pub(super) fn no_space() -> io::Error {
+        io::Error::from(io::ErrorKind::StorageFull)
+    }
+
+    impl Faults {
+        /// A full disk writes what fits and then refuses the rest: half the
+        /// group goes into the file (a torn frame at its end) before the error.
+        pub(super) fn on_write(&self, file: &mut File, buf: &[u8]) -> Option<io::Error> {
+            if self.write_error.swap(false, Ordering::AcqRel) {
+                return Some(io::Error::other("injected write error"));
+            }
+            if take(&self.no_space_writes) {
+                if let Err(e) = file.write_all(&buf[..buf.len() / 2]) {
+                    return Some(e);
+                }
+                return Some(no_space());
+            }
+            None
+        }
+
+        /// A refused checkpoint write leaves the spare file torn, as a
+        /// real one cut short would.
+        pub(super) fn on_checkpoint(&self, dir: &Path) -> Result<(), super::SpoolError> {
+            if !take(&self.no_space_checkpoints) {
+                return Ok(());
+            }
+            let tmp = dir.join(super::CHECKPOINT_TMP);
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&tmp)
+                .map_err(super::io_at(&tmp))?;
+            file.write_all(&[0xEE; 5]).map_err(super::io_at(&tmp))?;
+            Err(super::io_at(&tmp)(no_space()))
         }
     }
 }
@@ -2264,7 +2645,8 @@ mod tests {
             appender
                 .inner
                 .shared
-                .inject_write_error
+                .faults
+                .write_error
                 .store(true, Ordering::Relaxed);
             let lost = appender.blocking_append(record("fail", 5)).expect("queued");
             assert!(matches!(lost.blocking_wait(), Err(SpoolError::Failed(_))));
@@ -2284,6 +2666,264 @@ mod tests {
         assert_eq!(reader.replay_end(), 5);
         assert_eq!(seqs(&drain(&mut reader, 5)), (1..=5).collect::<Vec<_>>());
         assert_eq!(append_all(&appender, [record("fail", 7)]), vec![6]);
+    }
+
+    /// Every record in the segment files, read strictly: a torn or
+    /// corrupt frame anywhere fails the test. Called before a reopen, which
+    /// would quietly cut a torn tail.
+    fn seqs_on_disk(dir: &Path) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        for first in list_segments(dir).expect("list") {
+            let path = segment_path(dir, first);
+            let mut reader = BufReader::new(File::open(&path).expect("segment"));
+            loop {
+                match read_frame(&mut reader) {
+                    Ok(Some(frame)) => seqs.push(frame.record.seq),
+                    Ok(None) => break,
+                    Err(e) => panic!("{}: {e} after seq {:?}", path.display(), seqs.last()),
+                }
+            }
+        }
+        seqs
+    }
+
+    fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn is_pending(durable: &mut Durable) -> bool {
+        matches!(
+            durable.rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        )
+    }
+
+    fn faults(appender: &SpoolAppender) -> &faults::Faults {
+        &appender.inner.shared.faults
+    }
+
+    #[test]
+    fn a_full_disk_holds_appends_back_until_there_is_room() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (appender, mut reader, checkpoint) =
+                open(&small_segments(), dir.path()).expect("open");
+            assert_eq!(
+                append_all(&appender, (0..5).map(|i| record("full", i))).len(),
+                5
+            );
+            assert_eq!(seqs(&drain(&mut reader, 5)), (1..=5).collect::<Vec<_>>());
+
+            faults(&appender)
+                .no_space_writes
+                .store(u64::MAX, Ordering::Relaxed);
+            let mut durables: Vec<Durable> = (5..25)
+                .map(|i| appender.blocking_append(record("full", i)).expect("queued"))
+                .collect();
+            wait_until("the writer has retried twice", || {
+                checkpoint.disk_full() && checkpoint.stats().disk_full_retries >= 2
+            });
+            // Nothing of the held-back group is reported durable or readable.
+            assert!(durables.iter_mut().all(is_pending), "an append was acked");
+            assert!(
+                reader
+                    .next_batch(100, Duration::from_millis(100))
+                    .expect("read")
+                    .is_empty()
+            );
+            // Later appends still queue (within the usual bounds).
+            let mut later = appender
+                .blocking_append(record("full", 25))
+                .expect("queued");
+            assert!(is_pending(&mut later));
+            durables.push(later);
+
+            faults(&appender)
+                .no_space_writes
+                .store(0, Ordering::Relaxed);
+            let acked: Vec<u64> = durables
+                .into_iter()
+                .map(|d| d.blocking_wait().expect("durable once there is room"))
+                .collect();
+            assert_eq!(acked, (6..=26).collect::<Vec<_>>());
+            assert!(!checkpoint.disk_full());
+            let records = drain(&mut reader, 21);
+            assert_eq!(seqs(&records), (6..=26).collect::<Vec<_>>());
+            assert!(
+                records
+                    .iter()
+                    .zip(5..)
+                    .all(|(r, i)| r.origin_id == format!("device-{i}"))
+            );
+        }
+        // The halves written before each refusal were cut off.
+        assert_eq!(seqs_on_disk(dir.path()), (1..=26).collect::<Vec<_>>());
+        let (_appender, mut reader, _checkpoint) =
+            open(&small_segments(), dir.path()).expect("reopen");
+        assert_eq!(reader.replay_end(), 26);
+        assert_eq!(seqs(&drain(&mut reader, 26)), (1..=26).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn refused_writes_and_segment_starts_are_retried_and_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (appender, mut reader, checkpoint) =
+                open(&small_segments(), dir.path()).expect("open");
+            faults(&appender)
+                .no_space_writes
+                .store(3, Ordering::Relaxed);
+            faults(&appender)
+                .no_space_creates
+                .store(2, Ordering::Relaxed);
+            let acked = append_all(&appender, (0..200).map(|i| record("retry", i)));
+            assert_eq!(acked, (1..=200).collect::<Vec<_>>());
+            assert_eq!(checkpoint.stats().disk_full_retries, 5);
+            assert!(!checkpoint.disk_full());
+            assert!(list_segments(dir.path()).expect("list").len() > 3);
+            assert_eq!(
+                seqs(&drain(&mut reader, 200)),
+                (1..=200).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(seqs_on_disk(dir.path()), (1..=200).collect::<Vec<_>>());
+        let (_appender, mut reader, _checkpoint) =
+            open(&small_segments(), dir.path()).expect("reopen");
+        assert_eq!(
+            seqs(&drain(&mut reader, 200)),
+            (1..=200).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_failed_fsync_stops_the_spool_even_after_a_full_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (appender, mut reader, checkpoint) = open(&small_segments(), dir.path()).expect("open");
+        append_all(&appender, (0..5).map(|i| record("fsync", i)));
+        faults(&appender)
+            .no_space_writes
+            .store(2, Ordering::Relaxed);
+        faults(&appender).fsync_error.store(true, Ordering::Relaxed);
+        let lost = appender
+            .blocking_append(record("fsync", 5))
+            .expect("queued");
+        assert!(matches!(lost.blocking_wait(), Err(SpoolError::Failed(_))));
+        assert_eq!(checkpoint.stats().disk_full_retries, 2);
+        assert!(matches!(
+            appender.blocking_append(record("fsync", 6)),
+            Err(SpoolError::Failed(_))
+        ));
+        assert_eq!(seqs(&drain(&mut reader, 5)), (1..=5).collect::<Vec<_>>());
+        assert!(matches!(
+            reader.next_batch(10, Duration::from_secs(5)),
+            Err(SpoolError::Failed(_))
+        ));
+    }
+
+    #[test]
+    fn closing_while_the_disk_is_full_drops_only_what_was_never_acked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let durables: Vec<Durable> = {
+            let (appender, mut reader, checkpoint) =
+                open(&small_segments(), dir.path()).expect("open");
+            append_all(&appender, (0..5).map(|i| record("close", i)));
+            faults(&appender)
+                .no_space_writes
+                .store(u64::MAX, Ordering::Relaxed);
+            let durables = (5..8)
+                .map(|i| {
+                    appender
+                        .blocking_append(record("close", i))
+                        .expect("queued")
+                })
+                .collect();
+            wait_until("the disk is reported full", || checkpoint.disk_full());
+            // Returns once the writer gave up, not after the disk has room.
+            drop(appender);
+            assert_eq!(seqs(&drain(&mut reader, 5)), (1..=5).collect::<Vec<_>>());
+            assert!(matches!(
+                reader.next_batch(10, Duration::from_secs(5)),
+                Err(SpoolError::Closed)
+            ));
+            durables
+        };
+        for durable in durables {
+            assert!(matches!(durable.blocking_wait(), Err(SpoolError::Closed)));
+        }
+        assert_eq!(seqs_on_disk(dir.path()), (1..=5).collect::<Vec<_>>());
+        let (appender, mut reader, _checkpoint) =
+            open(&small_segments(), dir.path()).expect("reopen");
+        assert_eq!(reader.replay_end(), 5);
+        assert_eq!(seqs(&drain(&mut reader, 5)), (1..=5).collect::<Vec<_>>());
+        assert_eq!(append_all(&appender, [record("close", 8)]), vec![6]);
+    }
+
+    #[test]
+    fn a_checkpoint_refused_by_a_full_disk_is_kept_intact_and_retried() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (appender, mut reader, checkpoint) = open(&small_segments(), dir.path()).expect("open");
+        append_all(&appender, (0..300).map(|i| record("ckpt-full", i)));
+        drain(&mut reader, 300);
+        checkpoint.advance(100);
+        checkpoint.flush().expect("flush");
+        assert_eq!(read_checkpoint(dir.path()).expect("checkpoint"), 100);
+        let segments = list_segments(dir.path()).expect("list");
+
+        faults(&appender)
+            .no_space_checkpoints
+            .store(u64::MAX, Ordering::Relaxed);
+        checkpoint.advance(200);
+        let refused = checkpoint
+            .flush()
+            .expect_err("a full disk refuses the checkpoint");
+        assert!(refused.is_disk_full(), "{refused}");
+        // The old checkpoint is intact, and the segments it does not cover stay.
+        assert_eq!(read_checkpoint(dir.path()).expect("checkpoint"), 100);
+        assert_eq!(list_segments(dir.path()).expect("list"), segments);
+
+        faults(&appender)
+            .no_space_checkpoints
+            .store(0, Ordering::Relaxed);
+        checkpoint.flush().expect("flush once there is room");
+        assert_eq!(read_checkpoint(dir.path()).expect("checkpoint"), 200);
+        let after = list_segments(dir.path()).expect("list");
+        assert!(after.len() < segments.len(), "{after:?}");
+
+        // The background checkpointer retries on its own.
+        faults(&appender)
+            .no_space_checkpoints
+            .store(1, Ordering::Relaxed);
+        checkpoint.advance(250);
+        wait_until("the checkpoint is persisted after a refusal", || {
+            read_checkpoint(dir.path()).expect("checkpoint") == 250
+        });
+    }
+
+    /// The checkpoint and its spare trade places, so saving a checkpoint
+    /// reuses allocated bytes instead of needing a new block.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn checkpoints_reuse_the_spare_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (appender, mut reader, checkpoint) = open(&small_segments(), dir.path()).expect("open");
+        let inode = |name: &str| fs::metadata(dir.path().join(name)).expect(name).ino();
+        append_all(&appender, (0..3).map(|i| record("spare", i)));
+        drain(&mut reader, 3);
+        checkpoint.advance(1);
+        checkpoint.flush().expect("flush");
+        let (current, spare) = (inode(CHECKPOINT_FILE), inode(CHECKPOINT_TMP));
+        checkpoint.advance(2);
+        checkpoint.flush().expect("flush");
+        assert_eq!(
+            (inode(CHECKPOINT_FILE), inode(CHECKPOINT_TMP)),
+            (spare, current)
+        );
+        assert_eq!(read_checkpoint(dir.path()).expect("checkpoint"), 2);
     }
 
     #[test]

@@ -218,6 +218,20 @@ pub async fn credentials(pool: &PgPool, id: &str) -> Result<Option<(String, bool
     )
 }
 
+/// The stored hash and enabled flag of each of `ids` that exists, for
+/// re-checking devices that are connected.
+pub async fn credentials_of(
+    pool: &PgPool,
+    ids: &[String],
+) -> Result<Vec<(String, String, bool)>, DeviceError> {
+    Ok(
+        sqlx::query_as("SELECT id, secret_hash, enabled FROM devices WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
 /// Records a connect (`online`) or a disconnect. A disconnect is ignored if
 /// the device connected again after `connected_at` (its newer connection
 /// is the one that counts).

@@ -91,14 +91,19 @@ impl LiveFeed {
 pub struct LiveReceiver {
     receiver: broadcast::Receiver<Arc<LiveBatch>>,
     /// The offset the next batch should start at.
-    next: Option<u64>,
+    next: u64,
 }
 
 impl LiveReceiver {
     pub fn new(feed: &LiveFeed) -> Self {
+        // Subscribing under the lock publishers hold pins the offset the
+        // first batch must start at. Without it, a receiver overtaken before
+        // its first `recv` would take the first batch it sees as its start
+        // and never report the batches it lost.
+        let published = feed.published.lock().unwrap_or_else(|e| e.into_inner());
         Self {
             receiver: feed.subscribe(),
-            next: None,
+            next: *published,
         }
     }
 
@@ -109,9 +114,9 @@ impl LiveReceiver {
         loop {
             match self.receiver.recv().await {
                 Ok(batch) => {
-                    let expected = self.next.unwrap_or(batch.offset);
-                    self.next = Some(batch.offset + batch.items());
-                    return Some((batch.offset.saturating_sub(expected), batch));
+                    let missed = batch.offset.saturating_sub(self.next);
+                    self.next = batch.offset + batch.items();
+                    return Some((missed, batch));
                 }
                 // The next batch's offset says how many items were lost.
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
@@ -152,6 +157,18 @@ mod tests {
         assert_eq!((missed, batch.points.len()), (12, 11));
         let (missed, batch) = rx.recv().await.unwrap();
         assert_eq!((missed, batch.points.len()), (0, 13));
+    }
+
+    #[tokio::test]
+    async fn a_receiver_overtaken_before_its_first_read_is_told_so() {
+        let feed = LiveFeed::new(2);
+        feed.publish(points(100), vec![]); // nobody listens: not counted
+        let mut rx = LiveReceiver::new(&feed);
+        for n in [2, 3, 5] {
+            feed.publish(points(n), vec![]);
+        }
+        let (missed, batch) = rx.recv().await.unwrap();
+        assert_eq!((missed, batch.points.len()), (2, 3));
     }
 
     #[test]

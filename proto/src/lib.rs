@@ -2,9 +2,14 @@
 //! the Rust code tonic generates from them, plus the one thing every client
 //! needs besides (the bearer-token interceptor), so clients (tests, the
 //! simulator, the CLI, other programs) can depend on this crate alone.
+//! It also holds the server's page-token codec ([`page_token`]): the tokens
+//! are part of the API's contract, and a library crate is what the fuzz
+//! targets under `fuzz/` can link.
 
 use tonic::metadata::errors::InvalidMetadataValue;
 use tonic::metadata::{Ascii, MetadataValue};
+
+pub mod page_token;
 
 pub mod v1 {
     tonic::include_proto!("sluice.v1");

@@ -2,7 +2,9 @@
 //! errors and paging as `Telemetry`.
 
 use super::page_token::{Kind, PageSigner, fingerprint};
-use super::telemetry::{checked_page_size, next_page, to_timestamp};
+use super::telemetry::{
+    check_json_no_nul, check_no_nul, checked_page_size, db_error, next_page, to_timestamp,
+};
 use sluice_ingest::devices::{self, DeviceError};
 use sluice_proto::v1::admin_server::Admin;
 use sluice_proto::v1::{
@@ -66,6 +68,7 @@ impl Admin for AdminService {
     ) -> Result<Response<ListDevicesResponse>, Status> {
         let r = request.into_inner();
         let limit = checked_page_size(r.limit, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        check_no_nul(&r.id_prefix, "id_prefix")?;
         let query = fingerprint(&[r.id_prefix.as_bytes()]);
         let after = self
             .pages
@@ -88,6 +91,7 @@ impl Admin for AdminService {
         request: Request<GetDeviceRequest>,
     ) -> Result<Response<Device>, Status> {
         let id = request.into_inner().id;
+        check_no_nul(&id, "id")?;
         Ok(Response::new(to_proto(
             devices::get(&self.pool, &id).await.map_err(status)?,
         )))
@@ -98,6 +102,7 @@ impl Admin for AdminService {
         request: Request<UpdateDeviceRequest>,
     ) -> Result<Response<Device>, Status> {
         let r = request.into_inner();
+        check_no_nul(&r.id, "id")?;
         let metadata = match &r.metadata_json {
             Some(json) => parse_metadata(json)?,
             None => None,
@@ -113,6 +118,7 @@ impl Admin for AdminService {
         request: Request<DeleteDeviceRequest>,
     ) -> Result<Response<DeleteDeviceResponse>, Status> {
         let id = request.into_inner().id;
+        check_no_nul(&id, "id")?;
         devices::delete(&self.pool, &id).await.map_err(status)?;
         info!(%id, "device deleted over gRPC");
         Ok(Response::new(DeleteDeviceResponse {}))
@@ -123,6 +129,7 @@ impl Admin for AdminService {
         request: Request<RotateDeviceSecretRequest>,
     ) -> Result<Response<RotateDeviceSecretResponse>, Status> {
         let id = request.into_inner().id;
+        check_no_nul(&id, "id")?;
         let secret = devices::rotate_secret(&self.pool, &id)
             .await
             .map_err(status)?;
@@ -203,6 +210,7 @@ fn parse_metadata(json: &str) -> Result<Option<serde_json::Value>, Status> {
             "metadata_json must be a JSON object",
         ));
     }
+    check_json_no_nul(&value, "metadata_json")?;
     Ok(Some(value))
 }
 
@@ -228,9 +236,9 @@ fn status(e: DeviceError) -> Status {
             error!(error = %e, "hashing a device secret failed");
             Status::internal("could not hash the secret")
         }
-        DeviceError::Database(db) => {
-            error!(error = %db, "device registry query failed");
-            Status::unavailable("the database could not answer; try again")
-        }
+        // NUL is refused before the query; any other value PostgreSQL
+        // refuses (SQLSTATE class 22) is the request's fault too, so
+        // INVALID_ARGUMENT rather than "try again".
+        DeviceError::Database(db) => db_error(db),
     }
 }

@@ -6,7 +6,11 @@
 //! in the same order.
 
 use super::page_token::{Kind, PageSigner, fingerprint};
-use super::telemetry::{checked_page_size, to_timestamp};
+// `db_error`: a value PostgreSQL refuses (SQLSTATE class 22) is
+// INVALID_ARGUMENT, not "try again".
+use super::telemetry::{
+    check_json_no_nul, check_no_nul, checked_page_size, db_error, to_timestamp,
+};
 use sha2::Digest;
 use sluice_ingest::rules::{self as stored, NewRule, StoredRule};
 use sluice_proto::v1::{
@@ -20,7 +24,7 @@ use sluice_rules::{
 use sqlx::PgPool;
 use std::sync::Arc;
 use tonic::Status;
-use tracing::{error, info};
+use tracing::info;
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1_000;
@@ -55,6 +59,7 @@ pub async fn deploy(
             "config_json must be a JSON object",
         ));
     }
+    check_json_no_nul(&config, "config_json")?;
     let limits = from_proto_limits(r.limits.unwrap_or_default());
     let limits_json = serde_json::to_value(&limits).expect("limits serialize");
     let sha = hex_sha256(&r.module);
@@ -161,6 +166,7 @@ pub async fn set_enabled(
 }
 
 pub async fn delete(pool: &PgPool, catalog: &RuleCatalog, name: &str) -> Result<(), Status> {
+    check_no_nul(name, "name")?;
     if !stored::delete(pool, name).await.map_err(db_error)? {
         return Err(catalog_status(match catalog.get(name) {
             Some(_) => CatalogError::DirectoryRule(name.to_owned()),
@@ -269,9 +275,4 @@ fn catalog_status(e: CatalogError) -> Status {
         CatalogError::DirectoryRule(_) => Status::failed_precondition(e.to_string()),
         CatalogError::NotFound(_) => Status::not_found(e.to_string()),
     }
-}
-
-fn db_error(e: sqlx::Error) -> Status {
-    error!(error = %e, "rule store query failed");
-    Status::unavailable("the database could not answer; try again")
 }

@@ -101,3 +101,42 @@ pub fn counter() -> String {
     i32.const 0))"#
     )
 }
+
+/// Runs `body` once per message of a batch, with `$i` the message's index.
+fn per_message(body: &str) -> String {
+    format!(
+        r#"(module {PRELUDE}
+  (func (export "sluice_on_batch") (param $ptr i32) (param $count i32) (result i32)
+    (local $i i32) (local $page i32)
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_s (local.get $i) (local.get $count)))
+        {body}
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $next)))
+    i32.const 0))"#
+    )
+}
+
+/// Never returns from its first message.
+pub fn infinite_loop() -> String {
+    per_message("(loop $forever (br $forever))")
+}
+
+/// Grows its memory a page at a time and writes every byte of each new
+/// page (so the memory is really resident, not just reserved), until the
+/// host refuses a growth; then traps, as an allocator out of memory does.
+pub fn memory_bomb() -> String {
+    per_message(
+        "(loop $grow
+          (local.set $page (memory.grow (i32.const 1)))
+          (if (i32.eq (local.get $page) (i32.const -1)) (then unreachable))
+          (memory.fill (i32.shl (local.get $page) (i32.const 16)) (i32.const 255) (i32.const 65536))
+          (br $grow))",
+    )
+}
+
+/// Traps on every message.
+pub fn trap_always() -> String {
+    per_message("unreachable")
+}

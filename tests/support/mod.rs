@@ -64,6 +64,15 @@ impl Default for Options {
     }
 }
 
+/// What "started" means for the harness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    /// Health says Telemetry is SERVING (the database is there).
+    Serving,
+    /// The MQTT and gRPC listeners answer (the database may be away).
+    Listening,
+}
+
 pub struct Sluice {
     child: Option<Child>,
     options: Options,
@@ -95,6 +104,24 @@ impl Sluice {
     }
 
     pub async fn start_with(options: Options, prepare_rules: impl FnOnce(&Path)) -> Self {
+        let mut s = Self::prepare(options, prepare_rules).await;
+        s.spawn_until_ready().await;
+        s
+    }
+
+    /// Starts Sluice while its PostgreSQL is stopped (`pg_ctl stop -m
+    /// fast`; [`ManagedPostgres::resume`] brings it back). Returns once the
+    /// MQTT listener accepts and the gRPC health service answers, whatever
+    /// it says.
+    pub async fn start_with_database_down(options: Options) -> Self {
+        let mut s = Self::prepare(options, |_| {}).await;
+        s.pg.suspend("fast").await.expect("stop PostgreSQL");
+        s.spawn_until(Readiness::Listening).await;
+        s
+    }
+
+    /// PostgreSQL up, directories made, nothing spawned yet.
+    async fn prepare(options: Options, prepare_rules: impl FnOnce(&Path)) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("sluice-test-")
             .tempdir()
@@ -110,7 +137,7 @@ impl Sluice {
             std::fs::write(tmp.path().join("sluice.toml"), toml).unwrap();
         }
         let db = sqlx::PgPool::connect(&pg.database_url()).await.unwrap();
-        let mut s = Self {
+        Self {
             child: None,
             options,
             mqtt_port: free_port(),
@@ -123,9 +150,7 @@ impl Sluice {
             pg,
             db,
             tmp,
-        };
-        s.spawn_until_ready().await;
-        s
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -167,6 +192,28 @@ impl Sluice {
         self.child = Some(cmd.spawn().expect("spawn sluice"));
     }
 
+    /// The `sluice serve` process id; panics if it is not running (it
+    /// exited or crashed), with its log.
+    pub fn pid(&mut self) -> u32 {
+        let child = self.child.as_mut().expect("sluice is not started");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("sluice exited with {status}:\n{}", self.log());
+        }
+        child.id()
+    }
+
+    /// A `/proc/PID/status` field in KiB: `VmRSS` (resident now) or
+    /// `VmHWM` (the peak resident size since the process started).
+    pub fn memory_kib(&mut self, field: &str) -> u64 {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
     /// SIGKILL: no shutdown code runs, as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -181,15 +228,28 @@ impl Sluice {
         self.spawn_until_ready().await;
     }
 
+    /// Starts Sluice again without waiting for it to be ready, so a test
+    /// can kill it while it starts (opening and replaying the spool,
+    /// connecting to the database). If its ports were taken meanwhile it
+    /// exits at once; the next [`Sluice::restart`] picks new ones.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "stop or kill sluice first");
+        self.spawn();
+    }
+
     /// Spawns and waits until ready. A port picked by `free_port` can be
     /// taken by someone else before Sluice binds it (tests run in
     /// parallel); then Sluice exits at once, and it is tried again on fresh
     /// ports.
     async fn spawn_until_ready(&mut self) {
+        self.spawn_until(Readiness::Serving).await;
+    }
+
+    async fn spawn_until(&mut self, want: Readiness) {
         for _ in 0..5 {
             let log_before = self.log().len();
             self.spawn();
-            match self.wait_ready().await {
+            match self.wait_ready(want).await {
                 Ok(()) => return,
                 Err(log) if log[log_before..].contains("Address already in use") => {
                     self.child = None;
@@ -206,24 +266,19 @@ impl Sluice {
     }
 
     /// Ok once ready; Err(log) if the process exited first.
-    async fn wait_ready(&mut self) -> Result<(), String> {
+    async fn wait_ready(&mut self, want: Readiness) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
                 return Err(self.log());
             }
-            if let Ok(channel) = self.grpc_channel().await {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                let req = tonic_health::pb::HealthCheckRequest {
-                    service: "sluice.v1.Telemetry".into(),
-                };
-                if let Ok(r) = health.check(req).await
-                    && r.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                    && std::net::TcpStream::connect(("127.0.0.1", self.mqtt_port)).is_ok()
-                {
-                    return Ok(());
-                }
+            if let Some(status) = self.telemetry_health().await
+                && (want == Readiness::Listening
+                    || status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                && std::net::TcpStream::connect(("127.0.0.1", self.mqtt_port)).is_ok()
+            {
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -232,6 +287,17 @@ impl Sluice {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// What the gRPC health service says of `sluice.v1.Telemetry` (a
+    /// `ServingStatus` as i32); None if it does not answer.
+    pub async fn telemetry_health(&self) -> Option<i32> {
+        let channel = self.grpc_channel().await.ok()?;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let req = tonic_health::pb::HealthCheckRequest {
+            service: "sluice.v1.Telemetry".into(),
+        };
+        Some(health.check(req).await.ok()?.into_inner().status)
     }
 
     /// Runs a `sluice` command on this server's database and data
@@ -585,4 +651,26 @@ pub fn replace_file(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp-new");
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The sum of the Prometheus samples of `name` (in the text `/metrics`
+/// serves) whose labels include every `(label, value)` of `labels`, in any
+/// order; 0 when there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let has = |(k, v): &(&str, &str)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            };
+            (metric == name && labels.iter().all(has)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }

@@ -6,9 +6,10 @@
 //! - a successful check is cached (keyed by the stored hash, so rotating or
 //!   deleting a secret invalidates it), and a reconnecting device with a
 //!   cached secret never waits for a hash slot;
-//! - at most `auth_concurrency` checks run at once, and a login that waits
-//!   longer than `auth_timeout_ms` for a slot is told to come back later
-//!   (CONNACK 3) instead of piling up.
+//! - at most `auth_concurrency` checks run at once, at most `auth_queue`
+//!   logins wait for one, and a login that finds the queue full or waits
+//!   longer than `auth_timeout_ms` is told to come back later (CONNACK 3)
+//!   instead of piling up.
 
 use crate::config::{ApplicationConfig, BrokerConfig};
 use chrono::{DateTime, Utc};
@@ -16,10 +17,11 @@ use dashmap::DashMap;
 use metrics::counter;
 use rumqttc::mqttbytes::v4::ConnectReturnCode;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
@@ -46,6 +48,12 @@ pub trait DeviceRegistry: Send + Sync + 'static {
         &'a self,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<DeviceCredential>, String>>;
+    /// The credentials of many devices at once (absent ids are missing
+    /// from the answer): how the edge re-checks its open connections.
+    fn credentials_of<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<HashMap<String, DeviceCredential>, String>>;
     /// Checks a secret against a stored hash. CPU-heavy: called on a
     /// blocking thread, under the hash-slot bound.
     fn verify_secret(&self, secret: &str, hash: &str) -> bool;
@@ -114,6 +122,9 @@ pub enum AuthOutcome {
     Accepted {
         principal: Principal,
         policy: String,
+        /// For a device that logged in with a secret: the stored hash it
+        /// was verified against, so a later rotation can be noticed.
+        secret_hash: Option<String>,
     },
     Refused {
         code: ConnectReturnCode,
@@ -138,8 +149,32 @@ pub struct Authenticator {
     anonymous_policy: String,
     hash_slots: Semaphore,
     slot_wait: Duration,
+    /// Logins waiting for a hash slot now, and how many may.
+    waiting: AtomicUsize,
+    queue_limit: usize,
     cache: DashMap<(bool, String), CachedSecret>,
     cache_capacity: usize,
+}
+
+/// A place in the queue for a hash slot, given back when dropped (also when
+/// the login is abandoned).
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl<'a> QueuePlace<'a> {
+    fn take(waiting: &'a AtomicUsize, limit: usize) -> Option<Self> {
+        waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(waiting))
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A secret that passed the hash check, remembered as a salted digest.
@@ -173,6 +208,8 @@ impl Authenticator {
             anonymous_policy: config.acl.anonymous_policy.clone(),
             hash_slots: Semaphore::new(config.auth_concurrency.max(1)),
             slot_wait: Duration::from_millis(config.auth_timeout_ms.max(1)),
+            waiting: AtomicUsize::new(0),
+            queue_limit: config.auth_queue,
             cache: DashMap::new(),
             cache_capacity: config.auth_cache_entries.max(1),
         }
@@ -192,7 +229,7 @@ impl Authenticator {
                 return refused(NotAuthorized, "certificate_mismatch");
             }
             return match self.device_credential(cn).await {
-                Ok(Some(cred)) if cred.enabled => self.accept_device(cn),
+                Ok(Some(cred)) if cred.enabled => self.accept_device(cn, None),
                 Ok(Some(_)) => refused(NotAuthorized, "device_disabled"),
                 Ok(None) => refused(NotAuthorized, "unknown_device"),
                 Err(outcome) => outcome,
@@ -206,6 +243,7 @@ impl Authenticator {
                         client_id: c.client_id.to_owned(),
                     },
                     policy: self.anonymous_policy.clone(),
+                    secret_hash: None,
                 };
             }
             return refused(NotAuthorized, "missing_credentials");
@@ -222,6 +260,9 @@ impl Authenticator {
                         client_id: c.client_id.to_owned(),
                     },
                     policy: app.policy.clone(),
+                    // Applications live in the configuration, which cannot
+                    // change under a running server.
+                    secret_hash: None,
                 },
                 Ok(false) => refused(BadUserNamePassword, "bad_secret"),
                 Err(outcome) => outcome,
@@ -238,11 +279,15 @@ impl Authenticator {
             // before may come back on that (it cannot have been disabled or
             // rotated meanwhile: that needs the database too). Its messages
             // wait in the spool.
-            Err(_) if self.matches_cache(username, password) => {
-                counter!("sluice_auth_offline_accepts_total").increment(1);
-                return self.accept_device(username);
+            Err(outcome) => {
+                return match self.matches_cache(username, password) {
+                    Some(hash) => {
+                        counter!("sluice_auth_offline_accepts_total").increment(1);
+                        self.accept_device(username, Some(hash))
+                    }
+                    None => outcome,
+                };
             }
-            Err(outcome) => return outcome,
         };
         match self
             .check_secret(true, username, &cred.secret_hash, password)
@@ -250,7 +295,7 @@ impl Authenticator {
         {
             // The secret is checked first so a disabled device's answer does
             // not tell a stranger that the id exists.
-            Ok(true) if cred.enabled => self.accept_device(username),
+            Ok(true) if cred.enabled => self.accept_device(username, Some(cred.secret_hash)),
             Ok(true) => {
                 // Only enabled devices stay cached (see `matches_cache`).
                 self.cache.remove(&(true, username.to_owned()));
@@ -261,17 +306,20 @@ impl Authenticator {
         }
     }
 
-    /// True if `secret` is the device's last verified secret.
-    fn matches_cache(&self, device: &str, secret: &str) -> bool {
+    /// The stored hash of the device's last verified secret, if `secret`
+    /// is that secret.
+    fn matches_cache(&self, device: &str, secret: &str) -> Option<String> {
         self.cache
             .get(&(true, device.to_owned()))
-            .is_some_and(|c| bool::from(c.digest.ct_eq(&digest(&c.stored_hash, secret))))
+            .filter(|c| bool::from(c.digest.ct_eq(&digest(&c.stored_hash, secret))))
+            .map(|c| c.stored_hash.clone())
     }
 
-    fn accept_device(&self, id: &str) -> AuthOutcome {
+    fn accept_device(&self, id: &str, secret_hash: Option<String>) -> AuthOutcome {
         AuthOutcome::Accepted {
             principal: Principal::Device { id: id.to_owned() },
             policy: self.device_policy.clone(),
+            secret_hash,
         }
     }
 
@@ -307,13 +355,21 @@ impl Authenticator {
             return Ok(true);
         }
 
-        let slot = match tokio::time::timeout(self.slot_wait, self.hash_slots.acquire()).await {
-            Ok(Ok(slot)) => slot,
-            _ => {
-                return Err(refused(
-                    ConnectReturnCode::ServiceUnavailable,
-                    "auth_overloaded",
-                ));
+        let overloaded = || refused(ConnectReturnCode::ServiceUnavailable, "auth_overloaded");
+        let slot = match self.hash_slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Each waiting login holds a connection: without a bound, a
+                // flood of wrong secrets faster than the hashes fills
+                // `max_connections` with waiters, and then even a device
+                // with a cached secret is refused for want of a place.
+                let Some(_place) = QueuePlace::take(&self.waiting, self.queue_limit) else {
+                    return Err(overloaded());
+                };
+                match tokio::time::timeout(self.slot_wait, self.hash_slots.acquire()).await {
+                    Ok(Ok(slot)) => slot,
+                    _ => return Err(overloaded()),
+                }
             }
         };
         let registry = self.registry.clone();
@@ -374,6 +430,20 @@ mod tests {
                     }),
                     _ => None,
                 })
+            })
+        }
+        fn credentials_of<'a>(
+            &'a self,
+            ids: &'a [String],
+        ) -> BoxFuture<'a, Result<HashMap<String, DeviceCredential>, String>> {
+            Box::pin(async move {
+                let mut found = HashMap::new();
+                for id in ids {
+                    if let Some(c) = self.credential(id).await? {
+                        found.insert(id.clone(), c);
+                    }
+                }
+                Ok(found)
             })
         }
         fn verify_secret(&self, secret: &str, hash: &str) -> bool {
@@ -438,7 +508,8 @@ mod tests {
             a.authenticate(creds("d1", Some("d1"), Some("s1"))).await,
             AuthOutcome::Accepted {
                 principal: Principal::Device { id: "d1".into() },
-                policy: "device".into()
+                policy: "device".into(),
+                secret_hash: Some("s1".into()),
             }
         );
         assert_eq!(
@@ -465,7 +536,9 @@ mod tests {
             .authenticate(creds("ui-1", Some("dash"), Some("appsecret")))
             .await
         {
-            AuthOutcome::Accepted { principal, policy } => {
+            AuthOutcome::Accepted {
+                principal, policy, ..
+            } => {
                 assert_eq!(principal.router_client_id(), "a:dash:ui-1");
                 assert_eq!(policy, "anonymous");
             }
@@ -478,6 +551,20 @@ mod tests {
             None
         );
         assert_eq!(reg.checks.load(Ordering::SeqCst), before);
+    }
+
+    #[test]
+    fn the_queue_for_hash_slots_is_bounded() {
+        let waiting = AtomicUsize::new(0);
+        let first = QueuePlace::take(&waiting, 2).expect("a place");
+        let _second = QueuePlace::take(&waiting, 2).expect("a place");
+        assert!(QueuePlace::take(&waiting, 2).is_none(), "the queue is full");
+        drop(first);
+        assert!(
+            QueuePlace::take(&waiting, 2).is_some(),
+            "a place was given back"
+        );
+        assert!(QueuePlace::take(&AtomicUsize::new(0), 0).is_none());
     }
 
     #[tokio::test]

@@ -19,7 +19,9 @@
 use super::EdgeShared;
 use super::auth::{AuthOutcome, Credentials, Principal, REGISTRY_TIMEOUT};
 use super::presence::{self, DisconnectReason, ROUTER_PREFIX};
+use super::sessions::DeviceLogin;
 use crate::acl::ClientAcl;
+use crate::config::BrokerConfig;
 use crate::limits::{TokenBucket, TopicLimits, check_topic_filter, check_topic_name};
 use crate::spool::{Durable, SpoolError, SpoolRecord};
 use crate::transport::DeviceStream;
@@ -96,32 +98,58 @@ struct Wire {
     read: BytesMut,
     write: BytesMut,
     max_packet: usize,
+    /// When the packet now partly in `read` began to arrive (or reading
+    /// resumed after a pause); `None` with no partial packet.
+    partial_since: Option<Instant>,
+    /// Longest a write may make no progress.
+    write_timeout: Duration,
+    /// Longest a packet may take to arrive once begun.
+    packet_timeout: Duration,
 }
 
 enum Read {
     Packet(Packet),
     Closed,
+    /// A packet begun and not finished within the packet timeout.
+    Stalled,
 }
 
 impl Wire {
-    fn new(io: DeviceStream, max_packet: usize) -> Self {
+    fn new(io: DeviceStream, max_packet: usize, timeouts: &BrokerConfig) -> Self {
         Self {
             io,
             // Small to start: idle connections are what there are most of.
             read: BytesMut::with_capacity(512),
             write: BytesMut::new(),
             max_packet,
+            partial_since: None,
+            write_timeout: Duration::from_millis(timeouts.write_timeout_ms.max(1)),
+            packet_timeout: Duration::from_millis(timeouts.packet_timeout_ms.max(1)),
         }
     }
 
     /// A packet already in the buffer, if there is a whole one.
     fn decode(&mut self) -> Result<Option<Packet>, Violation> {
-        precheck(&self.read, self.max_packet)?;
-        match Packet::read(&mut self.read, self.max_packet) {
-            Ok(p) => Ok(Some(p)),
-            Err(CodecError::InsufficientBytes(_)) => Ok(None),
-            Err(e) => Err(Violation::Malformed(e)),
+        let packet = decode_packet(&mut self.read, self.max_packet)?;
+        if packet.is_some() {
+            // Bytes after it are the start of the next packet.
+            self.partial_since = (!self.read.is_empty()).then(Instant::now);
         }
+        Ok(packet)
+    }
+
+    /// Reading stopped (backpressure): time spent not reading is not the
+    /// client's, so the partial packet's clock starts again on resuming.
+    fn pause_packet_clock(&mut self) {
+        self.partial_since = None;
+    }
+
+    /// When the packet partly read must be complete (None: no packet begun).
+    fn packet_deadline(&mut self) -> Option<Instant> {
+        if self.read.is_empty() {
+            return None;
+        }
+        Some(*self.partial_since.get_or_insert_with(Instant::now) + self.packet_timeout)
     }
 
     /// Cancel-safe: the only await is `read_buf`, which reads nothing if
@@ -132,9 +160,20 @@ impl Wire {
                 return Ok(Read::Packet(p));
             }
             self.read.reserve(1024);
-            match self.io.read_buf(&mut self.read).await {
+            let deadline = self.packet_deadline();
+            let read = self.io.read_buf(&mut self.read);
+            let read = match deadline {
+                Some(at) => match tokio::time::timeout_at(at, read).await {
+                    Ok(read) => read,
+                    Err(_) => return Ok(Read::Stalled),
+                },
+                None => read.await,
+            };
+            match read {
                 Ok(0) => return Ok(Read::Closed),
-                Ok(_) => {}
+                Ok(_) => {
+                    self.partial_since.get_or_insert_with(Instant::now);
+                }
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
@@ -154,22 +193,66 @@ impl Wire {
         }
     }
 
+    /// Writes what is queued. A client that stops reading fills its
+    /// receive window and the write stalls: after `write_timeout` without
+    /// finishing, this fails with `TimedOut` (the caller closes), so such a
+    /// client cannot hold its task, its buffers and its slot for ever.
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.write.is_empty() {
+        if self.write.is_empty() {
+            return Ok(());
+        }
+        let write = async {
             self.io.write_all(&self.write).await?;
-            self.io.flush().await?;
-            self.write.clear();
-            if self.write.capacity() > 64 * 1024 {
-                self.write = BytesMut::new();
+            self.io.flush().await
+        };
+        match tokio::time::timeout(self.write_timeout, write).await {
+            Ok(done) => done?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not read what was sent",
+                ));
             }
         }
+        self.write.clear();
+        if self.write.capacity() > 64 * 1024 {
+            self.write = BytesMut::new();
+        }
         Ok(())
+    }
+
+    /// Closes the sending side; bounded like a write (TLS sends a
+    /// close_notify, which a client that does not read never takes).
+    async fn shutdown(&mut self) {
+        let _ = tokio::time::timeout(self.write_timeout, self.io.shutdown()).await;
     }
 }
 
 enum ReadError {
     Violation(Violation),
     Io(std::io::Error),
+}
+
+/// The next whole packet in `buf` (taken out of it), `Ok(None)` while the
+/// packet is incomplete (nothing taken), or why the connection closes.
+fn decode_packet(buf: &mut BytesMut, max_packet: usize) -> Result<Option<Packet>, Violation> {
+    precheck(buf, max_packet)?;
+    match Packet::read(buf, max_packet) {
+        Ok(p) => Ok(Some(p)),
+        Err(CodecError::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(Violation::Malformed(e)),
+    }
+}
+
+/// [`decode_packet`] for the fuzz targets (`fuzz/`), which feed it what a
+/// client could send, without a socket; the error is the close reason's
+/// label (as counted in `sluice_connections_closed_total`) and its text.
+#[doc(hidden)]
+pub fn decode_client_bytes(
+    buf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Option<Packet>, (&'static str, String)> {
+    decode_packet(buf, max_packet).map_err(|v| (v.label(), v.to_string()))
 }
 
 /// Checks on the raw bytes of the next packet what rumqttc's parser does
@@ -274,7 +357,7 @@ pub(crate) async fn serve(
     certificate_cn: Option<String>,
 ) {
     let _count = ConnectionCount::new(&shared, transport);
-    let mut wire = Wire::new(io, shared.config.max_packet_bytes());
+    let mut wire = Wire::new(io, shared.config.max_packet_bytes(), &shared.config);
     let connect_timeout = Duration::from_millis(shared.config.connect_timeout_ms.max(1));
     let connect = match tokio::time::timeout(connect_timeout, wire.read_packet()).await {
         Ok(Ok(Read::Packet(Packet::Connect(c)))) => c,
@@ -286,7 +369,7 @@ pub(crate) async fn serve(
             return refuse(&mut wire, ConnectReturnCode::RefusedProtocolVersion).await;
         }
         Ok(Err(ReadError::Violation(v))) => return close(v, transport),
-        Err(_) => {
+        Ok(Ok(Read::Stalled)) | Err(_) => {
             counter!("sluice_connect_timeouts_total").increment(1);
             debug!(transport, "no CONNECT in time; closed");
             return;
@@ -310,8 +393,12 @@ pub(crate) async fn serve(
                 certificate_cn: certificate_cn.as_deref(),
             })
             .await;
-        let (principal, policy) = match outcome {
-            AuthOutcome::Accepted { principal, policy } => (principal, policy),
+        let (principal, policy, secret_hash) = match outcome {
+            AuthOutcome::Accepted {
+                principal,
+                policy,
+                secret_hash,
+            } => (principal, policy, secret_hash),
             AuthOutcome::Refused { code, reason } => {
                 debug!(reason, ?code, "login refused");
                 return refuse(&mut wire, code).await;
@@ -354,7 +441,16 @@ pub(crate) async fn serve(
                 }
             }
         };
-        let claim = shared.sessions.claim(&router_id);
+        // Devices are re-checked against the registry while connected
+        // (`revocation`), against what they logged in with.
+        let login = match &principal {
+            Principal::Device { id } => Some(DeviceLogin {
+                device_id: id.clone(),
+                secret_hash,
+            }),
+            _ => None,
+        };
+        let claim = shared.sessions.claim(&router_id, login);
 
         let connected_at = Utc::now();
         if let Principal::Device { id } = &principal {
@@ -386,7 +482,7 @@ pub(crate) async fn serve(
             acl,
             link,
             ingress,
-            taken_over: claim.taken_over,
+            closed: claim.closed,
             wire,
             pending: FuturesOrdered::new(),
             awaiting_release: HashSet::new(),
@@ -454,7 +550,7 @@ async fn next_notification(
 async fn refuse(wire: &mut Wire, code: ConnectReturnCode) {
     wire.queue(Packet::ConnAck(ConnAck::new(code, false)));
     let _ = wire.flush().await;
-    let _ = wire.io.shutdown().await;
+    wire.shutdown().await;
 }
 
 fn close(violation: Violation, transport: &'static str) {
@@ -528,7 +624,9 @@ struct Session {
     link: Option<RouterLink>,
     /// Index of the shared link in `EdgeShared::ingress` for publishes.
     ingress: usize,
-    taken_over: tokio::sync::oneshot::Receiver<()>,
+    /// Resolves when the edge closes this connection from outside: a
+    /// takeover, or the device's credentials revoked.
+    closed: tokio::sync::oneshot::Receiver<DisconnectReason>,
     wire: Wire,
     /// Publishes waiting for the spool, in arrival order (the spool reports
     /// durability in append order, so acks leave in order too).
@@ -556,16 +654,30 @@ impl Session {
     async fn run(&mut self) -> DisconnectReason {
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut last_heard = Instant::now();
+        let mut paused = false;
         loop {
             self.flush_router().await;
             if let Err(e) = self.wire.flush().await {
                 debug!(error = %e, "write failed");
-                return DisconnectReason::ConnectionLost;
+                return match e.kind() {
+                    std::io::ErrorKind::TimedOut => DisconnectReason::WriteTimeout,
+                    _ => DisconnectReason::ConnectionLost,
+                };
             }
             let can_read = self.below_inflight_limit()
                 && self.throttled_until.is_none_or(|t| Instant::now() >= t);
             let throttle = self.throttled_until.filter(|_| !can_read);
-            let keep_alive = self.keep_alive.map(|k| last_heard + k);
+            // While Sluice does not read (backpressure, rate limit) the
+            // client's silence is Sluice's doing: neither the keep-alive
+            // nor a partial packet's clock runs, and both start afresh
+            // when reading resumes.
+            if !can_read {
+                paused = true;
+                self.wire.pause_packet_clock();
+            } else if std::mem::take(&mut paused) {
+                last_heard = Instant::now();
+            }
+            let keep_alive = self.keep_alive.filter(|_| can_read).map(|k| last_heard + k);
             tokio::select! {
                 _ = shutdown.changed() => {
                     self.drain_pending().await;
@@ -581,7 +693,7 @@ impl Session {
                         return self.violation(v);
                     }
                 }
-                Ok(()) = &mut self.taken_over => return DisconnectReason::TakenOver,
+                Ok(reason) = &mut self.closed => return reason,
                 notification = next_notification(&mut self.link) => match notification {
                     Ok(Some(n)) => {
                         if let Some(reason) = self.deliver(n).await {
@@ -600,6 +712,7 @@ impl Session {
                             }
                         }
                         Ok(Read::Closed) => return DisconnectReason::ConnectionLost,
+                        Ok(Read::Stalled) => return DisconnectReason::PacketTimeout,
                         Err(ReadError::Io(e)) => {
                             debug!(error = %e, "read failed");
                             return DisconnectReason::ConnectionLost;
@@ -1054,7 +1167,7 @@ impl Session {
         }
         self.flush_router().await;
         let _ = self.wire.flush().await;
-        let _ = self.wire.io.shutdown().await;
+        self.wire.shutdown().await;
         if reason.publishes_will()
             && let Some(will) = self.will.take()
         {

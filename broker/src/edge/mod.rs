@@ -9,11 +9,14 @@
 //! Listeners: plain TCP (`mqtt_listen`), TLS with optional client
 //! certificates (`mqtts_listen`, when `tls` is configured) and WebSocket
 //! (`ws_listen`, path `ws_path`). All three lead to the same
-//! [`connection::serve`].
+//! [`connection::serve`]. [`revocation`] closes the connections of devices
+//! disabled, deleted or rotated while connected.
 
 pub mod auth;
 pub mod connection;
+mod fd_limit;
 pub mod presence;
+pub(crate) mod revocation;
 pub mod sessions;
 
 use crate::acl::Acl;
@@ -29,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -150,14 +153,29 @@ async fn handshake<T, E: std::fmt::Display>(
     }
 }
 
+/// Connections the kernel completes before the accept loop takes them.
+/// std's listeners use 128: in a storm of 10,000 connects the queue
+/// overflowed and the kernel dropped handshakes, which clients only retry
+/// after 1 s, 3 s, and so on. The kernel caps this at `net.core.somaxconn`
+/// (4,096 by default), so asking for 4,096 means "as many as allowed".
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds every configured listener now, so a taken port is a start-up error.
 pub(crate) fn bind_listeners(config: &BrokerConfig) -> Result<Vec<Listener>, crate::BrokerError> {
+    fd_limit::raise_for(config.max_connections);
     let bind = |addr: SocketAddr| -> Result<TcpListener, crate::BrokerError> {
-        let std = std::net::TcpListener::bind(addr)
-            .map_err(|source| crate::BrokerError::Bind { addr, source })?;
-        std.set_nonblocking(true)
-            .map_err(|source| crate::BrokerError::Bind { addr, source })?;
-        TcpListener::from_std(std).map_err(|source| crate::BrokerError::Bind { addr, source })
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        };
+        socket
+            .and_then(|s| {
+                // As std's bind does, so a restart finds its port free.
+                s.set_reuseaddr(true)?;
+                s.bind(addr)?;
+                s.listen(LISTEN_BACKLOG)
+            })
+            .map_err(|source| crate::BrokerError::Bind { addr, source })
     };
     let mut listeners = vec![Listener::Tcp(bind(config.mqtt_listen)?)];
     if let Some(tls) = &config.tls {

@@ -47,6 +47,17 @@ pub enum DisconnectReason {
     /// Another connection took over the same client id.
     TakenOver,
     ServerShutdown,
+    /// The device was disabled in the registry while connected.
+    DeviceDisabled,
+    /// The device was deleted from the registry while connected.
+    DeviceDeleted,
+    /// The device's secret was rotated after this connection logged in
+    /// with the previous one.
+    SecretRotated,
+    /// A packet begun and not finished within `packet_timeout_ms`.
+    PacketTimeout,
+    /// No progress writing to the client for `write_timeout_ms`.
+    WriteTimeout,
 }
 
 impl DisconnectReason {
@@ -58,13 +69,27 @@ impl DisconnectReason {
             Self::ProtocolViolation => "protocol_violation",
             Self::TakenOver => "taken_over",
             Self::ServerShutdown => "server_shutdown",
+            Self::DeviceDisabled => "device_disabled",
+            Self::DeviceDeleted => "device_deleted",
+            Self::SecretRotated => "secret_rotated",
+            Self::PacketTimeout => "packet_timeout",
+            Self::WriteTimeout => "write_timeout",
         }
     }
 
     /// MQTT 3.1.1 §3.1.2.5: the will is published unless the client said
-    /// DISCONNECT. A server shutdown is not the device's failure either.
+    /// DISCONNECT. A server shutdown is not the device's failure either. A
+    /// device whose credentials were revoked is no longer allowed to
+    /// publish anything, its will included.
     pub fn publishes_will(self) -> bool {
-        !matches!(self, Self::ClientDisconnect | Self::ServerShutdown)
+        !matches!(
+            self,
+            Self::ClientDisconnect
+                | Self::ServerShutdown
+                | Self::DeviceDisabled
+                | Self::DeviceDeleted
+                | Self::SecretRotated
+        )
     }
 }
 
@@ -110,5 +135,8 @@ mod tests {
         assert!(!DisconnectReason::ClientDisconnect.publishes_will());
         assert!(DisconnectReason::KeepAliveTimeout.publishes_will());
         assert!(DisconnectReason::ConnectionLost.publishes_will());
+        assert!(DisconnectReason::WriteTimeout.publishes_will());
+        assert!(!DisconnectReason::DeviceDisabled.publishes_will());
+        assert!(!DisconnectReason::SecretRotated.publishes_will());
     }
 }

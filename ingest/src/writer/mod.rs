@@ -462,8 +462,42 @@ impl Shard {
         if batch.rows() == 0 && !(progress.is_some() && marks.unrecorded()) {
             return;
         }
+        // This run hands a shard only marks above what it had stored at
+        // start, so a mark not yet recorded here is not in the database
+        // before this flush: finding it there later means this flush did it.
+        let fresh = marks.unrecorded();
         let mut backoff = Duration::from_millis(100);
+        let mut failed = false;
         loop {
+            if failed
+                && fresh
+                && batch.rows() > 0
+                && let Some(p) = progress
+            {
+                match self.committed_in_doubt(p).await {
+                    Ok(true) => {
+                        self.count_written(batch, &batch::Written::default());
+                        if self.live.has_subscribers() {
+                            self.live
+                                .skip((batch.points.len() + batch.events.len()) as u64);
+                        }
+                        batch.clear();
+                        marks.recorded = Some(p.mark);
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        let kind = batch::error_kind(&e);
+                        counter!("sluice_write_errors_total", "kind" => kind).increment(1);
+                        error!(shard = self.index, error = %e, kind, rows = batch.rows(),
+                            retry_in_ms = backoff.as_millis() as u64,
+                            "cannot tell whether the failed batch was committed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
             let started = Instant::now();
             let cx = batch::Context {
                 pool: &self.pool,
@@ -476,15 +510,7 @@ impl Shard {
                 Ok(written) => {
                     histogram!("sluice_batch_flush_seconds")
                         .record(started.elapsed().as_secs_f64());
-                    counter!("sluice_batches_flushed_total").increment(1);
-                    counter!("sluice_points_written_total")
-                        .increment((batch.points.len() - written.refused_points) as u64);
-                    counter!("sluice_events_written_total")
-                        .increment((batch.events.len() - written.refused_events) as u64);
-                    counter!("sluice_dead_letters_written_total").increment(
-                        (batch.dead_letters.len() + written.refused_points + written.refused_events)
-                            as u64,
-                    );
+                    self.count_written(batch, &written);
                     debug!(
                         shard = self.index,
                         points = batch.points.len(),
@@ -507,9 +533,41 @@ impl Shard {
                         "writing a batch failed; keeping it and retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
+                    failed = true;
                 }
             }
         }
+    }
+
+    /// After a failed attempt: whether it committed all the same. A
+    /// connection lost during COMMIT (the server killed, e.g. `pg_ctl stop
+    /// -m immediate`, or the network cut) leaves the outcome unknown: the
+    /// commit may be durable without its answer having arrived. The shard's
+    /// mark is in the same transaction as its rows, so the mark in the
+    /// database tells; writing the batch again would store it twice.
+    async fn committed_in_doubt(&self, p: batch::Progress<'_>) -> Result<bool, sqlx::Error> {
+        let stored = progress::recorded(&self.pool, p.spool_id, self.index).await?;
+        let committed = stored.is_some_and(|m| m >= p.mark);
+        if committed {
+            counter!("sluice_batches_committed_in_doubt_total").increment(1);
+            warn!(
+                shard = self.index,
+                mark = p.mark,
+                "the failed batch had committed (its answer was lost); not writing it again"
+            );
+        }
+        Ok(committed)
+    }
+
+    fn count_written(&self, batch: &batch::Batch, written: &batch::Written) {
+        counter!("sluice_batches_flushed_total").increment(1);
+        counter!("sluice_points_written_total")
+            .increment((batch.points.len() - written.refused_points) as u64);
+        counter!("sluice_events_written_total")
+            .increment((batch.events.len() - written.refused_events) as u64);
+        counter!("sluice_dead_letters_written_total").increment(
+            (batch.dead_letters.len() + written.refused_points + written.refused_events) as u64,
+        );
     }
 }
 

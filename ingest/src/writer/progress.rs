@@ -128,6 +128,22 @@ pub(super) async fn load(
     Ok((stored, shards))
 }
 
+/// The mark `shard` has recorded for `spool_id`, if any.
+pub(super) async fn recorded(
+    pool: &PgPool,
+    spool_id: &str,
+    shard: usize,
+) -> Result<Option<u64>, sqlx::Error> {
+    let mark: Option<i64> = sqlx::query_scalar(
+        "SELECT stored_seq FROM ingest_progress WHERE spool_id = $1 AND shard = $2",
+    )
+    .bind(spool_id)
+    .bind(shard as i32)
+    .fetch_optional(pool)
+    .await?;
+    Ok(mark.map(|m| m.max(0) as u64))
+}
+
 /// Records that `shard`'s rows cover the spool up to `mark`.
 pub(super) async fn record(
     conn: &mut PgConnection,

@@ -9,7 +9,9 @@ mod points;
 mod request;
 mod subscribe;
 
-pub use request::{checked_page_size, next_page, to_timestamp};
+pub use request::{
+    check_json_no_nul, check_no_nul, checked_page_size, db_error, next_page, to_timestamp,
+};
 
 use super::page_token::PageSigner;
 use sluice_ingest::WriterConfig;

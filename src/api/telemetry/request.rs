@@ -232,6 +232,37 @@ pub fn check_prefix(prefix: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Text PostgreSQL cannot store: it refuses a NUL character in `text`.
+pub fn check_no_nul(value: &str, field: &str) -> Result<(), Status> {
+    if value.contains('\0') {
+        return Err(Status::invalid_argument(format!(
+            "{field} holds a NUL character"
+        )));
+    }
+    Ok(())
+}
+
+/// A JSON document PostgreSQL cannot store: `jsonb` refuses `\u0000` in
+/// any string or key.
+pub fn check_json_no_nul(value: &serde_json::Value, field: &str) -> Result<(), Status> {
+    fn has_nul(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().any(has_nul),
+            serde_json::Value::Object(members) => {
+                members.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+            }
+            _ => false,
+        }
+    }
+    if has_nul(value) {
+        return Err(Status::invalid_argument(format!(
+            "{field} holds \\u0000, which the database cannot store"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
