@@ -168,6 +168,9 @@ fn init_logging() {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                // Colours only for a terminal: in a log file or a journal
+                // the escape codes are noise that breaks grep.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_filter(env.and(no_router_spans)),
         )
         .init();

@@ -226,33 +226,13 @@ struct Kill {
     acked: usize,
 }
 
-/// A log line without its colours (tracing's ANSI escapes around fields).
-fn without_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // CSI: ESC [ parameters, then a final letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// How far a start got, from what it logged (`log` is this process's part).
 fn phase(log: &str) -> (&'static str, Option<u64>) {
     let replay = log
         .lines()
         .find(|l| l.contains("spool opened"))
         .and_then(|l| {
-            let plain = without_ansi(l);
-            let digits = plain.split("replay=").nth(1)?;
+            let digits = l.split("replay=").nth(1)?;
             digits
                 .split(|c: char| !c.is_ascii_digit())
                 .next()?

@@ -75,6 +75,12 @@ fn metric(metrics: &str, name: &str) -> f64 {
 fn raise_open_file_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= STORM as u64 + 1_000,
+        "this test holds {STORM} sockets on each side: it needs an open-file hard \
+         limit of at least {} (`ulimit -Hn` is {hard})",
+        STORM + 1_000
+    );
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     }
