@@ -32,8 +32,9 @@ struct Args {
     /// The real device's id (client id and user name).
     #[arg(long)]
     device: String,
-    /// The real device's secret.
-    #[arg(long, env = "SLUICE_DEVICE_SECRET", hide_env_values = true)]
+    /// The real device's secret. (Not SLUICE_…: the server takes every
+    /// SLUICE_ variable as its configuration and refuses unknown ones.)
+    #[arg(long, env = "SIM_DEVICE_SECRET", hide_env_values = true)]
     secret: String,
     /// Length of each phase (no flood, then flood).
     #[arg(long, default_value_t = 10)]
