@@ -6,7 +6,7 @@ mod support;
 use rumqttc::{ConnectReturnCode, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use serde_json::Value;
 use std::time::Duration;
-use support::{MqttConn, Options, Sluice, mqtt_connect};
+use support::{MqttConn, Options, Sluice, metric, mqtt_connect};
 
 fn refused_with(result: Result<MqttConn, String>, code: ConnectReturnCode) {
     match result {
@@ -681,15 +681,6 @@ async fn a_second_connection_with_the_same_id_takes_over() {
         .unwrap();
     assert!(device.online);
     sluice.stop();
-}
-
-/// A metric's value (the sum over lines that start with `name`).
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

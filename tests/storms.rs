@@ -12,7 +12,7 @@ use rumqttc::mqttbytes::v4 as wire;
 use rumqttc::{MqttOptions, Packet, QoS};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{MqttConn, Options, Sluice, mqtt_connect};
+use support::{MqttConn, Options, Sluice, metric, mqtt_connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -58,15 +58,6 @@ async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
         }
     }
-}
-
-/// A metric's value (the sum over lines that start with `name`).
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The soft open-file limit up to the hard one: this process holds one

@@ -653,6 +653,17 @@ pub fn replace_file(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// A metric's value: the sum over the sample lines that start with `name`
+/// (a bare name, or a name with the start of its labels, like
+/// `sluice_connections{`).
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The sum of the Prometheus samples of `name` (in the text `/metrics`
 /// serves) whose labels include every `(label, value)` of `labels`, in any
 /// order; 0 when there is none.
